@@ -1,0 +1,196 @@
+"""MaskedAutoencoderViT: the MAE of He et al. (2021) with the release's names, running mae_fast's ops."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from mae_fast import dispatch, ops, reference
+from mae_fast.nn import Block, MaskedReconstructionLoss, PatchEmbedGather
+from mae_fast.ops import _validate
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    h, w = value
+    return int(h), int(w)
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """Masked autoencoder with a ViT encoder (visible tokens only) and a light ViT decoder.
+
+    Constructor arguments, method names and state_dict keys are those of the official release, so its
+    checkpoints load unchanged. ``img_size`` may be (H, W); ``backend`` picks the kernels ("auto",
+    "reference", "triton", "cuda"; None follows the global default of :mod:`mae_fast.dispatch`).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        norm_pix_loss: bool = False,
+        layer_norm_eps: float | None = None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        for name, value in (("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim)):
+            _validate.positive_int(value, name)
+        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
+            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size={patch_size}")
+        dispatch.validate_backend(backend)
+        eps = layer_norm_eps if layer_norm_eps is not None else norm_layer(1).eps
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.norm_pix_loss = norm_pix_loss
+        self.backend = backend
+
+        # encoder
+        self.patch_embed = PatchEmbedGather(patch_size, in_chans, embed_dim, backend=backend)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, eps=eps, backend=backend) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+
+        # decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, self.num_patches + 1, decoder_embed_dim), requires_grad=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, eps=eps, backend=backend)
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=eps)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
+        self.loss_fn = MaskedReconstructionLoss(patch_size, norm_pix=norm_pix_loss, backend=backend)
+
+        self.initialize_weights()
+
+    # --- initialisation ----------------------------------------------------------------------------
+
+    def initialize_weights(self) -> None:
+        """The release's init: sin-cos tables, xavier_uniform patch/Linear weights, normal(0.02) tokens."""
+        if self.pos_embed.is_meta:
+            return
+        with torch.no_grad():
+            self.pos_embed.copy_(reference.sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid_size, True)[None])
+            self.decoder_pos_embed.copy_(
+                reference.sincos_pos_embed_2d(self.decoder_pos_embed.shape[-1], self.grid_size, True)[None]
+            )
+        weight = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 0)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.constant_(module.bias, 0)
+            nn.init.constant_(module.weight, 1.0)
+
+    def set_backend(self, backend: str | None) -> None:
+        """Switch every op of this model to ``backend`` (None: follow the global default)."""
+        dispatch.validate_backend(backend)
+        for module in self.modules():
+            if hasattr(module, "backend"):
+                module.backend = backend
+
+    # --- the release's methods -----------------------------------------------------------------------
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, L, p*p*C]."""
+        return ops.patchify(imgs, self.patch_size, backend=self.backend)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, p*p*C] -> [B, C, H, W]."""
+        return ops.unpatchify(x, self.patch_size, self.grid_size, backend=self.backend)
+
+    def random_masking(
+        self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The release's per-sample shuffle: x [B, L, D] -> (x_masked [B, K, D], mask [B, L], ids_restore [B, L])."""
+        ids_keep, ids_restore, mask = ops.random_masking(
+            x.shape[0], x.shape[1], mask_ratio, noise=noise, device=x.device, backend=self.backend
+        )
+        return reference.gather_tokens(x, ids_keep), mask, ids_restore
+
+    def _check_images(self, imgs) -> None:
+        _validate.tensor(imgs, "imgs", 4, _validate.FLOAT_DTYPES)
+        if imgs.shape[1] != self.in_chans:
+            raise ValueError(f"imgs must have {self.in_chans} channels, got shape {tuple(imgs.shape)}")
+        if tuple(imgs.shape[2:]) != self.img_size:
+            raise ValueError(f"imgs must be {self.img_size[0]}x{self.img_size[1]}, got shape {tuple(imgs.shape)}")
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """imgs -> (latent [B, K+1, D], mask [B, L], ids_restore [B, L]); the blocks see visible tokens only."""
+        self._check_images(imgs)
+        ids_keep, ids_restore, mask = ops.random_masking(
+            imgs.shape[0], self.num_patches, mask_ratio, noise=noise, device=imgs.device, backend=self.backend
+        )
+        x = self.patch_embed(imgs, ids_keep, self.pos_embed[:, 1:])
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent [B, K+1, D] -> pred [B, L, p*p*C] (cls row dropped)."""
+        x = self.decoder_embed(latent)
+        x = ops.unshuffle_mask_tokens(x, self.mask_token, ids_restore, self.decoder_pos_embed, backend=self.backend)
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean per-patch MSE over the removed patches (per-patch normalised targets with norm_pix_loss)."""
+        return self.loss_fn(pred, imgs, mask)
+
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (loss, pred [B, L, p*p*C], mask [B, L]); ``noise`` [B, L] fixes the mask."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+    @torch.no_grad()
+    def encode(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Encoder features of whole images (nothing masked): [B, L+1, D] after the final norm."""
+        self._check_images(imgs)
+        ids_all = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
+        x = self.patch_embed(imgs, ids_all, self.pos_embed[:, 1:])
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)

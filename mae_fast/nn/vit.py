@@ -1,0 +1,107 @@
+"""ViT building blocks with the parameter names of timm and the MAE release, running mae_fast's ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mae_fast import ops
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: one fused ``qkv`` Linear (D -> 3D), ``proj`` (D -> D).
+
+    Drop-in for timm's ``Attention`` (same parameter names and shapes). Besides [B, N, D] it accepts
+    packed tokens [T, D] with int32 ``cu_seqlens`` for sequences of different lengths.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, backend: str | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = backend
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None
+    ) -> torch.Tensor:
+        lead = x.shape[:-1]
+        qkv = self.qkv(x).reshape(*lead, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(dim=-3)
+        out = ops.visible_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, backend=self.backend)
+        return self.proj(out.reshape(*lead, -1))
+
+
+class Mlp(nn.Module):
+    """fc1 (D -> hidden), exact (erf) GELU, fc2 (hidden -> D)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); timm's names."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        eps: float = 1e-6,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbedGather(nn.Module):
+    """Patch embedding of the visible patches only, with the position rows added, in one op.
+
+    Holds ``proj`` as the release's Conv2d (kernel = stride = p), so ``patch_embed.proj.weight`` and
+    ``.bias`` load unchanged; forward never runs the convolution over the hidden patches.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, backend: str | None = None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.backend = backend
+
+    def forward(
+        self, imgs: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return ops.patch_embed_gather(imgs, ids_keep, self.proj.weight, self.proj.bias, pos_embed, backend=self.backend)
+
+
+class MaskedReconstructionLoss(nn.Module):
+    """The MAE loss as a module: forward(pred, imgs, mask) -> 0-d fp32 loss (see ops.masked_mse_loss)."""
+
+    def __init__(self, patch_size: int, norm_pix: bool = True, eps: float = 1e-6, backend: str | None = None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.norm_pix = norm_pix
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return ops.masked_mse_loss(pred, imgs, mask, self.patch_size, self.norm_pix, self.eps, backend=self.backend)

@@ -1,0 +1,79 @@
+"""Input checks shared by the ops: each raises ValueError (or TypeError) naming the argument.
+
+Kernels do not bounds-check (the Triton interpreter least of all), so every op validates its inputs on
+the host before launching. Checks that would need a device sync (index ranges) run only on the CPU or
+when ``MAE_FAST_CHECK_INDICES=1``: on a GPU they would stall the stream every step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(value, name: str, ndim: int | tuple[int, ...] | None = None, dtypes=None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if value.dim() not in allowed:
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(value.shape)}"
+            )
+    if dtypes is not None and value.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+    return value
+
+
+def same_device(**tensors: torch.Tensor | None) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"tensors must be on one device: {listing}")
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def images(imgs, patch_size: int, name: str = "imgs") -> tuple[int, int, int, int]:
+    """imgs [B, C, H, W] floating point with H and W divisible by patch_size; returns (B, C, gh, gw)."""
+    tensor(imgs, name, 4, FLOAT_DTYPES)
+    positive_int(patch_size, "patch_size")
+    b, c, h, w = imgs.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"{name} height and width must be divisible by patch_size={patch_size}, got {h}x{w}")
+    if b == 0:
+        raise ValueError(f"{name} must hold at least one image, got shape {tuple(imgs.shape)}")
+    return b, c, h // patch_size, w // patch_size
+
+
+def _check_ranges_now(ids: torch.Tensor) -> bool:
+    return ids.device.type == "cpu" or os.environ.get("MAE_FAST_CHECK_INDICES") == "1"
+
+
+def indices(ids, name: str, batch: int, upper: int, length: int | None = None) -> None:
+    """ids [batch, length] of an integer dtype with every value in [0, upper)."""
+    tensor(ids, name, 2)
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be int64 or int32, got {ids.dtype}")
+    if ids.shape[0] != batch:
+        raise ValueError(f"{name} batch size {ids.shape[0]} does not match the input batch size {batch}")
+    if length is not None and ids.shape[1] != length:
+        raise ValueError(f"{name} must have {length} columns, got shape {tuple(ids.shape)}")
+    if ids.numel() and _check_ranges_now(ids):
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= upper:
+            raise ValueError(f"{name} values must lie in [0, {upper}), got values in [{low}, {high}]")
+
+
+def mask_ratio(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"mask_ratio must be a number in [0, 1), got {value!r}")
+    return float(value)

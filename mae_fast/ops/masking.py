@@ -1,0 +1,41 @@
+"""random_masking: noise -> (ids_keep, ids_restore, mask) for the MAE encoder."""
+
+from __future__ import annotations
+
+import torch
+
+from mae_fast import dispatch, reference
+from mae_fast.ops import _validate
+
+
+def random_masking(
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep K = int(L * (1 - mask_ratio)) patches per image, those with the smallest noise.
+
+    noise [B, L] (uniform [0, 1) drawn with ``generator`` when None) fixes the choice. Returns
+    ids_keep [B, K] int64 (in ascending noise order, as the release), ids_restore [B, L] int64 and
+    mask [B, L] float32 (1 = removed). Ties in noise go to the lower patch index.
+    """
+    _validate.positive_int(batch_size, "batch_size")
+    _validate.positive_int(num_patches, "num_patches")
+    ratio = _validate.mask_ratio(mask_ratio)
+    len_keep = reference.num_kept(num_patches, ratio)
+    if len_keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps no patch of {num_patches}")
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, generator=generator, device=device)
+    else:
+        _validate.tensor(noise, "noise", 2, _validate.FLOAT_DTYPES)
+        if tuple(noise.shape) != (batch_size, num_patches):
+            raise ValueError(f"noise must have shape [{batch_size}, {num_patches}], got {tuple(noise.shape)}")
+    return dispatch.dispatch("random_masking", noise, len_keep, backend=backend)
+
+
+dispatch.register("random_masking", "reference")(reference.random_masking)

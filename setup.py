@@ -1,0 +1,107 @@
+"""Build of mae_fast: the Python package, its Triton kernels and the optional CUDA extension mae_fast._C.
+
+The extension is built when the installed torch is a CUDA build, nvcc is found and an architecture is
+known (TORCH_CUDA_ARCH_LIST, else the visible GPU). MAE_FAST_BUILD_CUDA=0 skips it; =1 forces it and
+fails loudly when it cannot be built. Install with ``pip install --no-build-isolation .`` so the build
+sees the installed torch.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+PACKAGES = ["mae_fast", "mae_fast.kernels", "mae_fast.models", "mae_fast.nn", "mae_fast.ops"]
+PACKAGES += [
+    "mae_fast." + os.path.relpath(path, "mae_fast").replace(os.sep, ".")
+    for path in sorted(glob.glob("mae_fast/*/"))
+    if os.path.isfile(os.path.join(path, "__init__.py"))
+]
+PACKAGE_DIR = {"mae_fast": "mae_fast", "mae_fast.kernels": "kernels"}
+BYTES_PER_NVCC_JOB = 3 * 1024**3
+
+
+def _say(message: str) -> None:
+    print(f"mae_fast setup: {message}", file=sys.stderr)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 1024**3
+
+
+def _default_max_jobs() -> str:
+    by_memory = max(1, _available_memory() // BYTES_PER_NVCC_JOB)
+    return str(max(1, min(os.cpu_count() or 1, by_memory)))
+
+
+def _cuda_extension_plan():
+    """(ext_modules, cmdclass) for mae_fast._C, or ([], {}) with the reason printed."""
+    mode = os.environ.get("MAE_FAST_BUILD_CUDA", "auto")
+    if mode not in ("0", "1", "auto"):
+        raise SystemExit(f"MAE_FAST_BUILD_CUDA must be 0, 1 or unset, got {mode!r}")
+    forced = mode == "1"
+
+    def skip(reason: str):
+        if forced:
+            raise SystemExit(f"mae_fast setup: MAE_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+        _say(f"skipping the CUDA extension: {reason}")
+        return [], {}
+
+    if mode == "0":
+        return skip("MAE_FAST_BUILD_CUDA=0")
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return skip(
+            "torch is not importable at build time (install torch first, then pip install --no-build-isolation .)"
+        )
+    if torch.version.cuda is None:
+        return skip(f"torch {torch.__version__} is a CPU-only build")
+    cuda_home = cpp_extension.CUDA_HOME or os.environ.get("CUDA_HOME")
+    if cuda_home is None or shutil.which("nvcc", path=os.path.join(cuda_home, "bin")) is None:
+        return skip("nvcc was not found (set CUDA_HOME)")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        return skip(
+            "no GPU is visible and TORCH_CUDA_ARCH_LIST is unset; "
+            "to build anyway: TORCH_CUDA_ARCH_LIST=9.0 MAE_FAST_BUILD_CUDA=1 pip install --no-build-isolation ."
+        )
+    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    include_dirs = [os.path.abspath("csrc")]
+    for root in sys.path:
+        candidate = os.path.join(root, "nvidia", "cu13", "include")
+        if os.path.isdir(candidate):
+            include_dirs.append(candidate)
+            break
+    extension = cpp_extension.CUDAExtension(
+        name="mae_fast._C",
+        sources=sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu")),
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v", "--expt-relaxed-constexpr"],
+        },
+    )
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU")
+    _say(f"building mae_fast._C for {arch} with MAX_JOBS={os.environ['MAX_JOBS']}")
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [extension], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _cuda_extension_plan()
+
+setup(
+    packages=sorted(set(PACKAGES)),
+    package_dir=PACKAGE_DIR,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,76 @@
+"""Ahead-of-time compilation of Triton kernels for real GPU targets, without a GPU.
+
+``compile_report`` runs Triton's full pipeline to PTX and cubin for an sm_XX target (this catches
+errors the interpreter accepts), then asks ptxas for the register and spill counts of the PTX.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+
+@dataclass
+class KernelReport:
+    name: str
+    arch: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    ptx: str
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+    @property
+    def uses_tensor_cores(self) -> bool:
+        return "wgmma" in self.ptx or "mma.sync" in self.ptx
+
+    def __str__(self) -> str:
+        cores = "tensor cores" if self.uses_tensor_cores else "no tensor-core instruction"
+        return (
+            f"{self.name} sm_{self.arch}: {self.registers} registers, "
+            f"{self.spill_stores} B spill stores, {self.spill_loads} B spill loads, {cores}"
+        )
+
+
+def _ptxas(arch: int) -> str:
+    from triton.backends.nvidia import compiler
+
+    try:
+        tool = compiler.get_ptxas(arch)  # triton >= 3.5 picks a ptxas per architecture
+    except TypeError:
+        tool = compiler.get_ptxas()
+    return tool.path
+
+
+def compile_report(
+    fn, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4, num_stages: int = 3
+) -> KernelReport:
+    """Compile ``fn`` (a @triton.jit function) for sm_``arch`` and report its resources."""
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = kernel.asm["ptx"]
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.ptx")
+        with open(path, "w") as handle:
+            handle.write(ptx)
+        result = subprocess.run(
+            [_ptxas(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", path, "-o", os.path.join(folder, "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    log = result.stdout + result.stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return KernelReport(kernel.name, arch, registers, int(spills.group(1)), int(spills.group(2)), ptx)
