@@ -1,5 +1,6 @@
 """The public hot ops. Each validates its inputs and runs through :mod:`mae_fast.dispatch`."""
 
+from mae_fast.ops import cuda_backends  # noqa: F401  (registers the "cuda" backends)
 from mae_fast.ops.attention import visible_attention
 from mae_fast.ops.loss import masked_mse_loss
 from mae_fast.ops.masking import random_masking

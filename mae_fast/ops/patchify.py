@@ -46,20 +46,3 @@ dispatch.register("patchify_gather", "reference")(reference.patchify_gather)
 def _unpatchify_reference(x, patch_size, grid_size):
     channels = x.shape[2] // (patch_size * patch_size)
     return reference.unpatchify(x, patch_size, grid_size, channels)
-
-
-def _cuda_check(x, *args) -> str | None:
-    reason = dispatch.cuda_extension_unavailable(x)
-    if reason is None and x.dtype == torch.float64:
-        return "float64 is not compiled into the CUDA kernels"
-    return reason
-
-
-@dispatch.register("patchify", "cuda", check=_cuda_check)
-def _patchify_cuda(imgs, patch_size):
-    return torch.ops.mae_fast.patchify(imgs, patch_size)
-
-
-@dispatch.register("unpatchify", "cuda", check=_cuda_check)
-def _unpatchify_cuda(x, patch_size, grid_size):
-    return torch.ops.mae_fast.unpatchify(x, patch_size, grid_size[0], grid_size[1])
