@@ -11,6 +11,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _accumulate(t: torch.Tensor) -> torch.Tensor:
+    """t in the accumulation precision: float32, or float64 for float64 inputs (the exact reference)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, L, p*p*C]; patches row-major, values inside a patch in (i, j, c) order."""
     b, c, h, w = imgs.shape
@@ -120,27 +125,30 @@ def masked_mse_loss(
     """The MAE loss: per-patch MSE against patchify(imgs), averaged over removed patches (mask == 1).
 
     With ``norm_pix`` each target patch is normalised by its mean and UNBIASED variance. Computed in
-    fp32 whatever pred's dtype; returns a 0-d fp32 tensor.
+    fp32 whatever pred's dtype (float64 for float64 inputs); returns a 0-d tensor of that precision.
     """
-    target = patchify(imgs.float(), patch_size)
+    target = patchify(_accumulate(imgs), patch_size)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + eps) ** 0.5
-    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
-    mask = mask.float()
+    per_patch = ((_accumulate(pred) - target) ** 2).mean(dim=-1)
+    mask = mask.to(per_patch.dtype)
     return (per_patch * mask).sum() / mask.sum()
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale) v for q, k, v [B, N, H, d] -> (out [B, N, H, d], lse [B, H, N] fp32)."""
+    """softmax(q k^T * scale) v for q, k, v [B, N, H, d] -> (out [B, N, H, d], lse [B, H, N]).
+
+    Computed in fp32 (float64 for float64 inputs); lse is in that precision, out in q's dtype.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.einsum("bnhd,bmhd->bhnm", q.float(), k.float()) * scale
+    scores = torch.einsum("bnhd,bmhd->bhnm", _accumulate(q), _accumulate(k)) * scale
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
-    out = torch.einsum("bhnm,bmhd->bnhd", probs, v.float())
+    out = torch.einsum("bhnm,bmhd->bnhd", probs, _accumulate(v))
     return out.to(q.dtype), lse
 
 
@@ -152,7 +160,7 @@ def varlen_attention(
     Token t of sequence s attends only to tokens of s (cu_seqlens[s] <= t < cu_seqlens[s+1]).
     """
     out = torch.empty_like(q)
-    lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
+    lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end > start:
