@@ -39,3 +39,31 @@ def masked_mse_loss(
 
 
 dispatch.register("masked_mse_loss", "reference")(reference.masked_mse_loss)
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_check(pred, imgs, mask, patch_size, norm_pix, eps) -> str | None:
+    reason = dispatch.triton_unavailable(pred, imgs, mask)
+    if reason is not None:
+        return reason
+    for name, value in (("pred", pred), ("imgs", imgs)):
+        if value.dtype not in _TRITON_DTYPES:
+            return f"{name} is {value.dtype}; the Triton kernel takes float32, float16 or bfloat16"
+    if imgs.requires_grad or mask.requires_grad:
+        return (
+            "imgs or mask requires grad: the Triton kernel treats the target as a constant, as MAE does "
+            "(only pred gets a gradient); the reference backend differentiates them"
+        )
+    from mae_fast.kernels.masked_mse import MAX_PATCH_VALUES
+
+    if pred.shape[-1] > MAX_PATCH_VALUES:
+        return f"patches of {pred.shape[-1]} values exceed the Triton kernel's {MAX_PATCH_VALUES}"
+    return None
+
+
+@dispatch.register("masked_mse_loss", "triton", check=_triton_check)
+def _triton_masked_mse_loss(pred, imgs, mask, patch_size, norm_pix, eps):
+    from mae_fast.kernels import masked_mse
+
+    return masked_mse.masked_mse_loss(pred, imgs, mask, patch_size, norm_pix, eps)
