@@ -21,7 +21,9 @@ def random_masking(
 
     noise [B, L] (uniform [0, 1) drawn with ``generator`` when None) fixes the choice. Returns
     ids_keep [B, K] int64 (in ascending noise order, as the release), ids_restore [B, L] int64 and
-    mask [B, L] float32 (1 = removed). Ties in noise go to the lower patch index.
+    mask [B, L] float32 (1 = removed). Ties in noise go to the lower patch index. NaN noise is
+    rejected where that needs no device sync (CPU tensors, or MAE_FAST_CHECK_INDICES=1); elsewhere NaN
+    sorts above every number, as in torch.sort.
     """
     _validate.positive_int(batch_size, "batch_size")
     _validate.positive_int(num_patches, "num_patches")
@@ -35,7 +37,20 @@ def random_masking(
         _validate.tensor(noise, "noise", 2, _validate.FLOAT_DTYPES)
         if tuple(noise.shape) != (batch_size, num_patches):
             raise ValueError(f"noise must have shape [{batch_size}, {num_patches}], got {tuple(noise.shape)}")
+        if not torch.compiler.is_compiling() and _validate._check_ranges_now(noise) and bool(noise.isnan().any()):
+            raise ValueError("noise must not contain NaN (its order would be meaningless)")
     return dispatch.dispatch("random_masking", noise, len_keep, backend=backend)
 
 
 dispatch.register("random_masking", "reference")(reference.random_masking)
+
+
+def _triton_check(noise, len_keep) -> str | None:
+    return dispatch.triton_unavailable(noise)
+
+
+@dispatch.register("random_masking", "triton", check=_triton_check)
+def _triton_random_masking(noise, len_keep):
+    from mae_fast.kernels import random_masking as kernel
+
+    return kernel.random_masking(noise.detach(), len_keep)
