@@ -6,13 +6,16 @@ import torch
 from torch import nn
 
 from mae_fast import ops
+from mae_fast.ops.attention import qkv_attention
 
 
 class Attention(nn.Module):
     """Multi-head self-attention: one fused ``qkv`` Linear (D -> 3D), ``proj`` (D -> D).
 
     Drop-in for timm's ``Attention`` (same parameter names and shapes). Besides [B, N, D] it accepts
-    packed tokens [T, D] with int32 ``cu_seqlens`` for sequences of different lengths.
+    packed tokens [T, D] with int32 ``cu_seqlens`` [S+1] (and the longest length ``max_seqlen``, a Python
+    int) for sequences of different lengths. The qkv output goes to the attention op as it is and the
+    op returns [.., D] for ``proj``: no transpose or copy around the kernel.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, backend: str | None = None):
@@ -29,11 +32,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None
     ) -> torch.Tensor:
-        lead = x.shape[:-1]
-        qkv = self.qkv(x).reshape(*lead, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(dim=-3)
-        out = ops.visible_attention(q, k, v, cu_seqlens, max_seqlen, self.scale, backend=self.backend)
-        return self.proj(out.reshape(*lead, -1))
+        out = qkv_attention(self.qkv(x), self.num_heads, cu_seqlens, max_seqlen, self.scale, backend=self.backend)
+        return self.proj(out)
 
 
 class Mlp(nn.Module):

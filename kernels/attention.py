@@ -1,0 +1,545 @@
+"""Flash attention over short visible-token sequences: fixed length [B, N, H, d] or packed [T, H, d] + cu_seqlens.
+
+MAE's encoder sees 50 or 65 tokens and its decoder 197, far below the 128-token tiles of FlashAttention.
+The block sizes here follow the sequence: when the keys and values of a whole (sequence, head) fit one tile
+(N <= 256 for the usual head dims) each program makes a single pass over them, and the backward computes
+dq, dk and dv in ONE program per (sequence, head, key tile) without atomics. Longer sequences use the
+online-softmax loop over 64-token tiles and a separate dq kernel, still without atomics: every value is
+reduced by one program in a fixed order, so results are bitwise deterministic.
+
+Every tensor is addressed through (batch, token, head) strides with a unit stride along the head dim, so
+q, k and v can be views of the qkv Linear output [B, N, 3, H, d] and the gradients can be written straight
+into one dqkv buffer. Packed sequences use batch stride 0 and take their first token from cu_seqlens.
+Softmax statistics and all accumulation are fp32; lse is stored as natural-log fp32 ([B, H, N] or [H, T]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from mae_fast.kernels._config import UPCAST_BF16
+
+_SINGLE_TILE_ELEMENTS = 256 * 64  # key tile [BLOCK_N, BLOCK_D] held by one program in the forward
+_SINGLE_TILE_ELEMENTS_BWD = 256 * 32  # dk and dv fp32 accumulators of that tile in the backward
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    CU_SEQLENS,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    seqlen,
+    num_heads,
+    head_dim,
+    scale,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + b).to(tl.int64)
+        n = tl.load(CU_SEQLENS + b + 1) - start
+    else:
+        start = 0
+        n = seqlen
+    if pid_m * BLOCK_M >= n:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < n
+    mask_d = offs_d < head_dim
+    q_base = Q + b * stride_qb + start * stride_qt + h * stride_qh
+    k_base = K + b * stride_kb + start * stride_kt + h * stride_kh
+    v_base = V + b * stride_vb + start * stride_vt + h * stride_vh
+
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, n, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < n
+        kt = tl.load(
+            k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None], other=0.0
+        )
+        v = tl.load(
+            v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
+        )
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_base = Out + b * stride_ob + start * stride_ot + h * stride_oh
+    tl.store(
+        o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
+        acc.to(Out.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + b * stride_lb + h * stride_lh + start + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _attention_bwd_kv_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    DO,
+    LSE,
+    DQ,
+    DK,
+    DV,
+    CU_SEQLENS,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_lb,
+    stride_lh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    stride_dkb,
+    stride_dkt,
+    stride_dkh,
+    stride_dvb,
+    stride_dvt,
+    stride_dvh,
+    seqlen,
+    num_heads,
+    head_dim,
+    scale,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WRITE_DQ: tl.constexpr,
+):
+    """dk, dv of one key tile, looping over all query tiles; with WRITE_DQ (the tile holds every key of the
+    sequence) also the complete dq of each query tile, so short sequences need one launch and no atomics."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + b).to(tl.int64)
+        n = tl.load(CU_SEQLENS + b + 1) - start
+    else:
+        start = 0
+        n = seqlen
+    if pid_n * BLOCK_N >= n:
+        return
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < n
+    mask_d = offs_d < head_dim
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(
+        K + b * stride_kb + (start + offs_n[:, None]) * stride_kt + h * stride_kh + offs_d[None, :],
+        mask=mask_nd,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + (start + offs_n[:, None]) * stride_vt + h * stride_vh + offs_d[None, :],
+        mask=mask_nd,
+        other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    q_base = Q + b * stride_qb + start * stride_qt + h * stride_qh
+    o_base = Out + b * stride_ob + start * stride_ot + h * stride_oh
+    do_base = DO + b * stride_dob + start * stride_dot + h * stride_doh
+    lse_base = LSE + b * stride_lb + h * stride_lh + start
+    dq_base = DQ + b * stride_dqb + start * stride_dqt + h * stride_dqh
+    qk_scale = scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, n, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < n
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=mask_md, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=mask_md, other=0.0)
+        o = tl.load(o_base + rows[:, None] * stride_ot + offs_d[None, :], mask=mask_md, other=0.0)
+        lse = tl.load(lse_base + rows, mask=mask_m, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O) = rowsum(P * dP)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+        if WRITE_DQ:
+            dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * scale
+            tl.store(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+    dk = dk * scale
+    dk_ptrs = DK + b * stride_dkb + (start + offs_n[:, None]) * stride_dkt + h * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + (start + offs_n[:, None]) * stride_dvt + h * stride_dvh + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _attention_bwd_q_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    DO,
+    LSE,
+    DQ,
+    CU_SEQLENS,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_lb,
+    stride_lh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    seqlen,
+    num_heads,
+    head_dim,
+    scale,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq of one query tile, looping over the key tiles (long sequences only)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + b).to(tl.int64)
+        n = tl.load(CU_SEQLENS + b + 1) - start
+    else:
+        start = 0
+        n = seqlen
+    if pid_m * BLOCK_M >= n:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < n
+    mask_d = offs_d < head_dim
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(
+        Q + b * stride_qb + (start + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
+        mask=mask_md,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + (start + offs_m[:, None]) * stride_dot + h * stride_doh + offs_d[None, :],
+        mask=mask_md,
+        other=0.0,
+    )
+    o = tl.load(
+        Out + b * stride_ob + (start + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
+        mask=mask_md,
+        other=0.0,
+    )
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + start + offs_m, mask=mask_m, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    k_base = K + b * stride_kb + start * stride_kt + h * stride_kh
+    v_base = V + b * stride_vb + start * stride_vt + h * stride_vh
+    qk_scale = scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, n, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < n
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_nd, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_nd, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
+
+    dq = dq * scale
+    dq_ptrs = DQ + b * stride_dqb + (start + offs_m[:, None]) * stride_dqt + h * stride_dqh + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+# --- launch configuration ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    block_m: int
+    block_n: int
+    block_d: int
+    single_tile: bool  # one key tile holds the whole sequence: dq comes from the dk/dv kernel
+    num_warps: int
+    num_stages: int
+
+
+def _pow2(value: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(value))
+
+
+def forward_config(max_seqlen: int, head_dim: int) -> ForwardConfig:
+    """Block sizes for the forward: one key tile per sequence when it fits (N <= 256 for d <= 64)."""
+    block_d = _pow2(head_dim)
+    whole = _pow2(max_seqlen)
+    if whole * block_d <= _SINGLE_TILE_ELEMENTS:
+        block_n = whole
+        block_m = min(whole, 64)
+        return ForwardConfig(block_m, block_n, block_d, num_warps=4 if block_n <= 64 else 8, num_stages=1)
+    return ForwardConfig(64, 64, block_d, num_warps=4, num_stages=2)
+
+
+def backward_config(max_seqlen: int, head_dim: int) -> BackwardConfig:
+    """Block sizes for the backward: one program per (sequence, head) computes dq, dk, dv when N is short."""
+    block_d = _pow2(head_dim)
+    whole = _pow2(max_seqlen)
+    if whole * block_d <= _SINGLE_TILE_ELEMENTS_BWD:
+        block_m = min(whole, 64 if whole <= 64 else 32)
+        return BackwardConfig(block_m, whole, block_d, True, num_warps=4 if whole <= 64 else 8, num_stages=1)
+    return BackwardConfig(64, 64, block_d, False, num_warps=4, num_stages=2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots, not TF32
+
+
+def upcasts(dtype: torch.dtype) -> bool:
+    """True when bf16 runs as fp32 inside the kernels (the interpreter), so outputs must be staged in fp32."""
+    return UPCAST_BF16 and dtype == torch.bfloat16
+
+
+# --- launchers ---------------------------------------------------------------------------------------
+# A "view" below is one of q, k, v, out, ... given as [B, N, H, d] (fixed) or [T, H, d] (packed); the
+# launchers read its strides and need stride 1 along d. lse is [B, H, N] or [H, T] fp32, contiguous.
+
+
+def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    if x.stride(-1) != 1:
+        raise ValueError(f"attention kernels need a unit stride along the head dim, got strides {x.stride()}")
+    if varlen:
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _geometry(q: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int) -> tuple[int, int, int, int]:
+    """(number of sequences, fixed seqlen or 0, heads, head dim)."""
+    if cu_seqlens is not None:
+        return cu_seqlens.numel() - 1, 0, q.shape[1], q.shape[2]
+    return q.shape[0], q.shape[1], q.shape[2], q.shape[3]
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+) -> None:
+    """Write softmax(q k^T * scale) v into ``out`` and the fp32 natural-log lse into ``lse``."""
+    varlen = cu_seqlens is not None
+    seqs, seqlen, heads, head_dim = _geometry(q, cu_seqlens, max_seqlen)
+    if seqs == 0 or heads == 0 or max_seqlen == 0 or q.numel() == 0:
+        return
+    cfg = forward_config(max_seqlen, head_dim)
+    grid = (triton.cdiv(max_seqlen, cfg.block_m), seqs * heads)
+    _attention_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens if varlen else q,
+        *_strides(q, varlen),
+        *_strides(k, varlen),
+        *_strides(v, varlen),
+        *_strides(out, varlen),
+        *_lse_strides(lse, varlen),
+        seqlen,
+        heads,
+        head_dim,
+        scale,
+        VARLEN=varlen,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=cfg.block_d,
+        UPCAST=upcasts(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+) -> None:
+    """Write the gradients of the forward into ``dq``, ``dk``, ``dv`` (deterministic: no atomics)."""
+    varlen = cu_seqlens is not None
+    seqs, seqlen, heads, head_dim = _geometry(q, cu_seqlens, max_seqlen)
+    if seqs == 0 or heads == 0 or max_seqlen == 0 or q.numel() == 0:
+        return
+    cfg = backward_config(max_seqlen, head_dim)
+    common = dict(
+        VARLEN=varlen,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=cfg.block_d,
+        UPCAST=upcasts(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    cu = cu_seqlens if varlen else q
+    operands = (
+        *_strides(q, varlen),
+        *_strides(k, varlen),
+        *_strides(v, varlen),
+        *_strides(out, varlen),
+        *_strides(do, varlen),
+        *_lse_strides(lse, varlen),
+    )
+    grid = (triton.cdiv(max_seqlen, cfg.block_n), seqs * heads)
+    _attention_bwd_kv_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        do,
+        lse,
+        dq,
+        dk,
+        dv,
+        cu,
+        *operands,
+        *_strides(dq, varlen),
+        *_strides(dk, varlen),
+        *_strides(dv, varlen),
+        seqlen,
+        heads,
+        head_dim,
+        scale,
+        WRITE_DQ=cfg.single_tile,
+        **common,
+    )
+    if not cfg.single_tile:
+        grid = (triton.cdiv(max_seqlen, cfg.block_m), seqs * heads)
+        _attention_bwd_q_kernel[grid](
+            q, k, v, out, do, lse, dq, cu, *operands, *_strides(dq, varlen), seqlen, heads, head_dim, scale, **common
+        )
