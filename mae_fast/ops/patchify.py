@@ -46,3 +46,78 @@ dispatch.register("patchify_gather", "reference")(reference.patchify_gather)
 def _unpatchify_reference(x, patch_size, grid_size):
     channels = x.shape[2] // (patch_size * patch_size)
     return reference.unpatchify(x, patch_size, grid_size, channels)
+
+
+# --- "triton" backend: torch.library custom ops over kernels/patchify_gather.py ---------------------
+# gather and scatter are each other's adjoint, so each one's backward is the other (double backward
+# works too). conv_order=True gives the (c, i, j) order of a Conv2d weight (used by patch_embed_gather).
+
+
+@torch.library.custom_op("mae_fast_triton::patchify_gather", mutates_args=())
+def _triton_gather(
+    imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, conv_order: bool = False
+) -> torch.Tensor:
+    """imgs [B, C, H, W] (any strides), ids_keep [B, K] -> [B, K, p*p*C] contiguous, imgs' dtype."""
+    from mae_fast.kernels import patchify_gather as kernel
+
+    return kernel.gather(imgs, ids_keep, patch_size, conv_order)
+
+
+@_triton_gather.register_fake
+def _(imgs, ids_keep, patch_size, conv_order=False):
+    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], patch_size * patch_size * imgs.shape[1])
+
+
+@torch.library.custom_op("mae_fast_triton::patchify_scatter", mutates_args=())
+def _triton_scatter(
+    patches: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, height: int, width: int, conv_order: bool = False
+) -> torch.Tensor:
+    """patches [B, K, p*p*C] -> [B, C, height, width] contiguous, zero outside the patches ids_keep names."""
+    from mae_fast.kernels import patchify_gather as kernel
+
+    return kernel.scatter(patches, ids_keep, patch_size, height, width, conv_order)
+
+
+@_triton_scatter.register_fake
+def _(patches, ids_keep, patch_size, height, width, conv_order=False):
+    channels = patches.shape[2] // (patch_size * patch_size)
+    return patches.new_empty(patches.shape[0], channels, height, width)
+
+
+def _gather_setup(ctx, inputs, output):
+    imgs, ids_keep, patch_size, conv_order = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.geometry = (patch_size, imgs.shape[2], imgs.shape[3], conv_order)
+
+
+def _gather_backward(ctx, grad):
+    (ids_keep,) = ctx.saved_tensors
+    patch_size, height, width, conv_order = ctx.geometry
+    grad_imgs = torch.ops.mae_fast_triton.patchify_scatter(grad, ids_keep, patch_size, height, width, conv_order)
+    return grad_imgs, None, None, None
+
+
+def _scatter_setup(ctx, inputs, output):
+    _, ids_keep, patch_size, _, _, conv_order = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.geometry = (patch_size, conv_order)
+
+
+def _scatter_backward(ctx, grad):
+    (ids_keep,) = ctx.saved_tensors
+    patch_size, conv_order = ctx.geometry
+    grad_patches = torch.ops.mae_fast_triton.patchify_gather(grad, ids_keep, patch_size, conv_order)
+    return grad_patches, None, None, None, None, None
+
+
+_triton_gather.register_autograd(_gather_backward, setup_context=_gather_setup)
+_triton_scatter.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+
+
+def _triton_check(imgs, ids_keep, patch_size) -> str | None:
+    return dispatch.triton_unavailable(imgs, ids_keep)
+
+
+@dispatch.register("patchify_gather", "triton", check=_triton_check)
+def _triton_patchify_gather(imgs, ids_keep, patch_size):
+    return torch.ops.mae_fast_triton.patchify_gather(imgs, ids_keep, patch_size)

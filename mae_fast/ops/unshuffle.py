@@ -43,3 +43,75 @@ def unshuffle_mask_tokens(
 
 
 dispatch.register("unshuffle_mask_tokens", "reference")(reference.unshuffle_mask_tokens)
+
+
+# --- "triton" backend: torch.library custom ops over kernels/unshuffle.py ---------------------------
+
+
+@torch.library.custom_op("mae_fast_triton::unshuffle_mask_tokens", mutates_args=())
+def _triton_unshuffle(
+    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor | None
+) -> torch.Tensor:
+    """x [B, K+1, Dd] -> [B, L+1, Dd] in x's dtype (mask_token and pos_embed may be any float dtype)."""
+    from mae_fast.kernels import unshuffle as kernel
+
+    return kernel.forward(x, mask_token, ids_restore, pos_embed)
+
+
+@_triton_unshuffle.register_fake
+def _(x, mask_token, ids_restore, pos_embed):
+    return x.new_empty(x.shape[0], ids_restore.shape[1] + 1, x.shape[2])
+
+
+@torch.library.custom_op("mae_fast_triton::unshuffle_mask_tokens_backward", mutates_args=())
+def _triton_unshuffle_backward(
+    grad_out: torch.Tensor, ids_restore: torch.Tensor, num_visible: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_out [B, L+1, Dd] -> (grad_x [B, K+1, Dd], per-image masked-row sums [B, Dd] fp32)."""
+    from mae_fast.kernels import unshuffle as kernel
+
+    return kernel.backward(grad_out, ids_restore, num_visible)
+
+
+@_triton_unshuffle_backward.register_fake
+def _(grad_out, ids_restore, num_visible):
+    b, _, dim = grad_out.shape
+    return grad_out.new_empty(b, num_visible + 1, dim), grad_out.new_empty(b, dim, dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    x, mask_token, ids_restore, pos_embed = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.num_visible = x.shape[1] - 1
+    ctx.mask_token = (mask_token.shape, mask_token.dtype)
+    ctx.pos = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
+
+
+def _backward(ctx, grad):
+    """grad_x: rows moved back; grad_mask_token: sum of the masked rows (two stages, deterministic)."""
+    (ids_restore,) = ctx.saved_tensors
+    grad_x = grad_mask = grad_pos = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_x, partial = torch.ops.mae_fast_triton.unshuffle_mask_tokens_backward(grad, ids_restore, ctx.num_visible)
+        if ctx.needs_input_grad[1]:
+            shape, dtype = ctx.mask_token
+            grad_mask = partial.sum(dim=0).to(dtype).reshape(shape)
+    if ctx.needs_input_grad[3]:
+        shape, dtype = ctx.pos
+        grad_pos = grad.sum(dim=0, dtype=torch.float32).to(dtype).reshape(shape)
+    return grad_x, grad_mask, None, grad_pos
+
+
+_triton_unshuffle.register_autograd(_backward, setup_context=_setup)
+
+
+def _triton_check(x, mask_token, ids_restore, pos_embed) -> str | None:
+    reason = dispatch.triton_unavailable(x, mask_token, ids_restore, pos_embed)
+    if reason is None and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"x is {x.dtype}; the Triton kernel takes float32, float16 or bfloat16 (it adds in fp32)"
+    return reason
+
+
+@dispatch.register("unshuffle_mask_tokens", "triton", check=_triton_check)
+def _triton_unshuffle_mask_tokens(x, mask_token, ids_restore, pos_embed):
+    return torch.ops.mae_fast_triton.unshuffle_mask_tokens(x, mask_token, ids_restore, pos_embed)
