@@ -37,6 +37,9 @@ _BLOCK_NAMES = {
 }
 _ENCODER_LAYERS = {4: "vit.encoder.layer.", 5: "vit.layers."}
 _DECODER_LAYERS = "decoder.decoder_layers."
+# transformers 5.x's save_pretrained writes 4.x names, and its renaming of "layers." back to "encoder.layer."
+# also turns the decoder's "decoder_layers." into "decoder_encoder.layer." (its loader maps it back).
+_SAVED_DECODER_LAYERS = "decoder.decoder_encoder.layer."
 _SINGLE_NAMES = {
     "cls_token": "vit.embeddings.cls_token",
     "pos_embed": "vit.embeddings.position_embeddings",
@@ -79,6 +82,10 @@ def release_from_transformers(state: dict[str, torch.Tensor]) -> tuple[dict[str,
     """A ViTMAE state_dict (4.x or 5.x names) -> (release-layout state, transformers keys left over, version)."""
     if not any(key.startswith(("vit.", "decoder.")) for key in state):
         state = {f"vit.{key}": value for key, value in state.items()}  # a bare ViTMAEModel
+    state = {
+        _DECODER_LAYERS + key[len(_SAVED_DECODER_LAYERS) :] if key.startswith(_SAVED_DECODER_LAYERS) else key: value
+        for key, value in state.items()
+    }
     version = _name_version(state)
     pairs = [(release, (hf,)) for release, hf in _SINGLE_NAMES.items()]
     pairs += _block_pairs(version, "blocks.", _ENCODER_LAYERS[version], count_blocks(state, _ENCODER_LAYERS[version]))
