@@ -1,0 +1,249 @@
+"""Measuring machinery shared by the benchmarks: timers, ceilings, correctness gates, the environment.
+
+GPU timings come from ``triton.testing.do_bench`` (CUDA events, L2 flushed before every call, median
+and p20/p80). CPU timings (``--smoke``) come from ``time.perf_counter`` and are labelled as such: they
+keep the suite working without a GPU and are never performance claims.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+L2_BYTES = 60 * 1024**2  # H200 L2 is 60 MB (50 MB on H100): inputs rotate over more than twice that
+ROTATION_BYTES = 2 * L2_BYTES
+MAX_ROTATION = 32
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Floor of the correctness gate, relative to the largest reference value, per dtype of the compared
+# tensor: TF32 dots for fp32, ~2 ulp for fp16 / bf16.
+TOLERANCE_FLOOR = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    timer: str
+
+
+class Budget:
+    """A wall-clock budget in seconds (None: unlimited) shared by every section of a run."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def exhausted(self) -> bool:
+        return self.seconds is not None and self.elapsed() >= self.seconds
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device,
+    grad_to_none: Sequence[torch.Tensor] = (),
+    smoke: bool = False,
+    rep_ms: int = 100,
+) -> Timing:
+    """Median and p20/p80 of ``fn`` in ms: do_bench with ``rep_ms`` of timed calls on CUDA, a perf_counter
+    loop on the CPU (in smoke mode the correctness check's call is the only warm-up)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        warmup, rep = (5, 20) if smoke else (max(5, rep_ms // 4), rep_ms)
+        median, p20, p80 = do_bench(
+            fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none), quantiles=[0.5, 0.2, 0.8]
+        )
+        return Timing(float(median), float(p20), float(p80), "triton.testing.do_bench (CUDA events, L2 flushed)")
+    if not smoke:
+        fn()
+    samples = []
+    for _ in range(3 if smoke else 10):
+        for tensor in grad_to_none:
+            tensor.grad = None
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    q = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return Timing(float(q[0]), float(q[1]), float(q[2]), "time.perf_counter on the CPU (not a GPU claim)")
+
+
+def rotation_count(bytes_per_set: int, device: torch.device) -> int:
+    """How many input copies to cycle through so that together they exceed twice the GPU's L2 cache."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(MAX_ROTATION, math.ceil(ROTATION_BYTES / max(1, bytes_per_set))))
+
+
+# --- ceilings --------------------------------------------------------------------------------------
+
+
+def measure_ceilings(device: torch.device, smoke: bool, rep_ms: int = 100) -> dict:
+    """Device-to-device copy bandwidth and dense matmul throughput, measured in this run."""
+    if smoke or device.type != "cuda":
+        copy_elems, n, dtype = 4 * 1024**2, 512, torch.float32
+    else:
+        copy_elems, n, dtype = 512 * 1024**2, 8192, torch.bfloat16
+    src = torch.rand(copy_elems, device=device)
+    dst = torch.empty_like(src)
+    copy = measure(lambda: dst.copy_(src), device, smoke=smoke, rep_ms=rep_ms)
+    copy_bytes = 2 * src.numel() * src.element_size()
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    matmul = measure(lambda: torch.mm(a, b), device, smoke=smoke, rep_ms=rep_ms)
+    flops = 2 * n**3
+    return {
+        "copy": {
+            "bytes": copy_bytes,
+            "median_ms": copy.median_ms,
+            "p20_ms": copy.p20_ms,
+            "p80_ms": copy.p80_ms,
+            "gbps": copy_bytes / copy.median_ms / 1e6,
+        },
+        "matmul": {
+            "shape": [n, n, n],
+            "dtype": str(dtype).removeprefix("torch."),
+            "median_ms": matmul.median_ms,
+            "p20_ms": matmul.p20_ms,
+            "p80_ms": matmul.p80_ms,
+            "tflops": flops / matmul.median_ms / 1e9,
+        },
+    }
+
+
+# --- correctness gate ------------------------------------------------------------------------------
+
+
+def flatten(value) -> list[torch.Tensor | None]:
+    """Tensors of a (possibly nested) tuple/list, in order."""
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in flatten(item)]
+    return [value]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    max_abs_err: float
+    tolerance: float
+    detail: str
+
+
+def compare(actual, exact, eager) -> Verdict:
+    """Gate a provider's outputs against an exact (fp64) reference, flash-attention style.
+
+    Each floating tensor of ``actual`` may differ from ``exact`` by at most twice the error of the eager
+    reference at the same precision (``eager``) plus a floor of ~2 ulp of its dtype times the largest
+    reference value. Integer tensors must be equal.
+    """
+    actual, exact, eager = flatten(actual), flatten(exact), flatten(eager)
+    if not len(actual) == len(exact) == len(eager):
+        return Verdict(False, math.inf, 0.0, f"{len(actual)} outputs, expected {len(exact)}")
+    worst_err, worst_tol = 0.0, 0.0
+    for index, (a, e, r) in enumerate(zip(actual, exact, eager, strict=True)):
+        if a is None and e is None:
+            continue
+        if a is None or e is None:
+            return Verdict(False, math.inf, 0.0, f"output {index}: a gradient is missing")
+        if tuple(a.shape) != tuple(e.shape):
+            return Verdict(False, math.inf, 0.0, f"output {index}: shape {tuple(a.shape)}, expected {tuple(e.shape)}")
+        if not e.is_floating_point():
+            if not torch.equal(a.cpu().long(), e.cpu().long()):
+                return Verdict(False, math.inf, 0.0, f"output {index}: integer values differ")
+            continue
+        if not torch.isfinite(a).all():
+            return Verdict(False, math.inf, 0.0, f"output {index}: non-finite values")
+        a64, e64, r64 = a.double(), e.double(), r.double()
+        err = float((a64 - e64).abs().max()) if a.numel() else 0.0
+        eager_err = float((r64 - e64).abs().max()) if a.numel() else 0.0
+        scale = float(e64.abs().max()) if a.numel() else 0.0
+        tol = 2 * eager_err + TOLERANCE_FLOOR.get(a.dtype, 1e-3) * max(scale, 1e-6)
+        if err > tol:
+            return Verdict(False, err, tol, f"output {index} ({a.dtype}): max |err| {err:.3e} > tolerance {tol:.3e}")
+        if err / tol >= worst_err / max(worst_tol, 1e-30):
+            worst_err, worst_tol = err, tol
+    return Verdict(True, worst_err, worst_tol, "")
+
+
+# --- environment -----------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _optional_version(module: str) -> str | None:
+    try:
+        imported = __import__(module)
+    except Exception as error:  # optional peers may fail to import in many ways (bad builds, CUDA mismatch)
+        return f"not importable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    return getattr(imported, "__version__", "importable")
+
+
+def _extension_state() -> str:
+    from mae_fast import _extension
+
+    try:
+        return "loaded" if _extension.available() else str(_extension.unavailable_reason())
+    except Exception as error:  # a stale or half-built extension must not stop the benchmarks
+        return f"failed to load ({type(error).__name__}: {error})"
+
+
+def environment(device: torch.device, smoke: bool) -> dict:
+    """GPU, versions, commit and date of this run."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": gpu or f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "gpu": gpu,
+        "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if gpu else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "git_commit": commit,
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "extension": _extension_state(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "xformers": _optional_version("xformers"),
+        "apex": _optional_version("apex"),
+        "smoke": smoke,
+        "claims": device.type == "cuda" and not smoke,
+    }
+
+
+def device_slug(env: dict) -> str:
+    """A file-name friendly device name: 'nvidia-h200' or 'cpu'."""
+    name = env["gpu"] or "cpu"
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-").replace("--", "-")
