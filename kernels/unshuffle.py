@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from mae_fast.kernels.patchify_gather import new_output
 
-BLOCK_ROWS = 16
+BLOCK_ROWS = 8
 
 
 @triton.jit

@@ -1,0 +1,530 @@
+"""Triton patchify_gather, patch_embed_gather and unshuffle_mask_tokens against the reference.
+
+Without a GPU the kernels run on CPU tensors through Triton's interpreter (tests/conftest.py), so the
+shapes are small. Every output starts as NaN (MAE_FAST_POISON_OUTPUTS), so an element a kernel does
+not write fails the comparison. Arithmetic results are judged against the float64 reference of the
+same (already rounded) inputs: the kernel's error may be at most twice the error of the reference
+computed in the kernel's own dtype, plus a small floor (the flash-attention rule). Pure data movement
+(gathers, scatters, row moves) must match exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from mae_fast.kernels import patch_embed as patch_embed_kernel
+from mae_fast.kernels import patchify_gather as gather_kernel
+from mae_fast.kernels import unshuffle as unshuffle_kernel
+
+from mae_fast import dispatch, ops, reference
+from mae_fast.models import create_model
+
+TRITON = torch.ops.mae_fast_triton
+HALF_AND_FULL = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setenv(gather_kernel.POISON_ENV, "1")
+
+
+def assert_close(actual, same_precision, exact64, name):
+    """|actual - exact| <= 2 |same_precision - exact| + floor, elementwise maximum; NaN fails."""
+    assert actual.shape == exact64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(exact64.shape)}"
+    assert actual.dtype == same_precision.dtype, f"{name}: dtype {actual.dtype} != {same_precision.dtype}"
+    error = (actual.double() - exact64).abs().max().item()
+    reference_error = (same_precision.double() - exact64).abs().max().item()
+    bound = 2 * reference_error + FLOOR[actual.dtype] * max(1.0, exact64.abs().max().item())
+    assert error <= bound, f"{name}: max error {error:.3g} > bound {bound:.3g} (reference error {reference_error:.3g})"
+
+
+def keep_ids(batch, num_patches, kept, device, dtype=torch.int64):
+    """Distinct patch ids per row, as random_masking gives them."""
+    rows = [torch.randperm(num_patches)[:kept] for _ in range(batch)]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def grads_of(fn, inputs, grad_out):
+    """Forward ``fn(*inputs)`` with fresh leaves; returns (output, grads of the float leaves)."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    return out.detach(), [leaf.grad if leaf is not None and leaf.requires_grad else None for leaf in leaves]
+
+
+# --- patchify_gather ---------------------------------------------------------------------------------
+
+# (B, C, H, W, p, K): L = 1 = K; p = 14 non-square K = L; L = 40 (not a block multiple); C = 1, K = 1
+GATHER_SHAPES = [(1, 1, 8, 8, 8, 1), (2, 3, 28, 42, 14, 6), (3, 3, 16, 40, 4, 7), (2, 1, 24, 16, 8, 1)]
+
+
+@pytest.mark.parametrize("shape", GATHER_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", HALF_AND_FULL + [torch.float64], ids=str)
+def test_patchify_gather_matches_reference(device, shape, dtype):
+    b, c, h, w, p, k = shape
+    imgs = torch.randn(b, c, h, w, device=device).to(dtype)
+    ids = keep_ids(b, (h // p) * (w // p), k, device)
+    grad_out = torch.randn(b, k, p * p * c, device=device).to(dtype)
+    out, (grad_imgs, _) = grads_of(lambda x, i: ops.patchify_gather(x, i, p, backend="triton"), (imgs, ids), grad_out)
+    expected, (expected_grad, _) = grads_of(lambda x, i: reference.patchify_gather(x, i, p), (imgs, ids), grad_out)
+    assert torch.equal(out, expected)
+    assert torch.equal(grad_imgs, expected_grad)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "cropped", "int32_strided_ids"])
+def test_patchify_gather_non_contiguous(device, layout):
+    b, c, h, w, p, k = 2, 3, 16, 24, 8, 4
+    big = torch.randn(b, c, h + 3, w + 5, device=device)
+    imgs = big[:, :, 1 : h + 1, 2 : w + 2] if layout == "cropped" else big[:, :, :h, :w].contiguous()
+    if layout == "channels_last":
+        imgs = imgs.to(memory_format=torch.channels_last)
+    ids = keep_ids(b, 6, 2 * k if layout == "int32_strided_ids" else k, device)
+    if layout == "int32_strided_ids":
+        ids = ids.to(torch.int32)[:, ::2]
+        assert not ids.is_contiguous()
+    expected = reference.patchify_gather(imgs, ids.long(), p)
+    assert torch.equal(ops.patchify_gather(imgs, ids, p, backend="triton"), expected)
+
+
+def test_patchify_gather_gradcheck_and_double_backward(device):
+    """gather and scatter are adjoint custom ops: first and second derivatives in float64."""
+    imgs = torch.randn(1, 2, 8, 12, device=device, dtype=torch.float64, requires_grad=True)
+    ids = keep_ids(1, 6, 3, device)
+
+    def fn(x):
+        return TRITON.patchify_gather(x, ids, 4)
+
+    assert torch.autograd.gradcheck(fn, (imgs,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (imgs,), fast_mode=True)
+
+
+@pytest.mark.parametrize("conv_order", [False, True])
+def test_patchify_scatter_is_the_adjoint(device, conv_order):
+    """<gather(x), y> == <x, scatter(y)>, and scatter leaves the hidden patches at exactly zero."""
+    b, c, h, w, p, k = 2, 3, 12, 8, 4, 3
+    imgs = torch.randn(b, c, h, w, device=device, dtype=torch.float64)
+    ids = keep_ids(b, 6, k, device)
+    patches = torch.randn(b, k, p * p * c, device=device, dtype=torch.float64)
+    gathered = TRITON.patchify_gather(imgs, ids, p, conv_order)
+    scattered = TRITON.patchify_scatter(patches, ids, p, h, w, conv_order)
+    torch.testing.assert_close((gathered * patches).sum(), (imgs * scattered).sum())
+    covered = TRITON.patchify_scatter(torch.ones_like(patches), ids, p, h, w, conv_order)
+    assert torch.equal(scattered * (1 - covered), torch.zeros_like(scattered))
+    assert covered.sum().item() == b * k * p * p * c
+
+
+# --- patch_embed_gather ------------------------------------------------------------------------------
+
+# (B, C, H, W, p, D, K): L = 1 = K; p = 14, E = 588 (not a BLOCK_K multiple), K = L; D = 136 > BLOCK_N
+EMBED_SHAPES = [(1, 1, 8, 8, 8, 16, 1), (2, 3, 28, 42, 14, 24, 6), (2, 3, 16, 40, 8, 136, 5)]
+
+
+def _embed_inputs(device, shape, dtype, pos_layout="3d", with_bias=True):
+    b, c, h, w, p, d, k = shape
+    num_patches = (h // p) * (w // p)
+    imgs = torch.randn(b, c, h, w, device=device).to(dtype)
+    ids = keep_ids(b, num_patches, k, device)
+    weight = (torch.randn(d, c, p, p, device=device) / (c * p * p) ** 0.5).to(dtype)
+    bias = torch.randn(d, device=device).to(dtype) if with_bias else None
+    pos = {"none": None, "2d": torch.randn(num_patches, d), "3d": torch.randn(1, num_patches, d)}[pos_layout]
+    return imgs, ids, weight, bias, None if pos is None else pos.to(device)
+
+
+def _check_embed(inputs, dtype):
+    imgs, ids, weight, bias, pos = inputs
+    grad_out = torch.randn(imgs.shape[0], ids.shape[1], weight.shape[0], device=imgs.device).to(dtype)
+    out, grads = grads_of(lambda *a: ops.patch_embed_gather(*a, backend="triton"), inputs, grad_out)
+    same, same_grads = grads_of(reference.patch_embed_gather, inputs, grad_out)
+    as64 = [t.double() if t is not None and t.is_floating_point() else t for t in inputs]
+    exact, exact_grads = grads_of(reference.patch_embed_gather, as64, grad_out.double())
+    assert_close(out, same, exact, "out")
+    for name, grad, same_grad, exact_grad in zip(
+        ("imgs", "ids", "weight", "bias", "pos_embed"), grads, same_grads, exact_grads, strict=True
+    ):
+        if exact_grad is None:
+            assert grad is None, name
+        else:
+            assert_close(grad, same_grad, exact_grad, f"grad of {name}")
+
+
+@pytest.mark.parametrize("shape", EMBED_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
+def test_patch_embed_gather_matches_reference(device, shape, dtype):
+    _check_embed(_embed_inputs(device, shape, dtype), dtype)
+
+
+@pytest.mark.parametrize("pos_layout,with_bias", [("none", True), ("2d", False)])
+def test_patch_embed_gather_optional_inputs(device, pos_layout, with_bias):
+    _check_embed(_embed_inputs(device, (2, 3, 16, 24, 8, 24, 4), torch.float32, pos_layout, with_bias), torch.float32)
+
+
+def test_patch_embed_gather_non_contiguous(device):
+    imgs, ids, weight, bias, pos = _embed_inputs(device, (2, 3, 16, 24, 8, 24, 4), torch.float32)
+    imgs = imgs.to(memory_format=torch.channels_last)
+    weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not imgs.is_contiguous() and not weight.is_contiguous()
+    _check_embed((imgs, ids, weight, bias, pos), torch.float32)
+
+
+def test_patch_embed_pos_grad_is_deterministic(device):
+    """Rows share table positions: the batch reduction must give bit-identical results run to run."""
+    grad = torch.randn(5, 7, 40, device=device)
+    ids = keep_ids(5, 9, 7, device)
+    first = TRITON.patch_embed_pos_grad(grad, ids, 9)
+    expected = torch.zeros(9, 40, dtype=torch.float64, device=device).index_add_(
+        0, ids.flatten(), grad.double().flatten(0, 1)
+    )
+    torch.testing.assert_close(first.double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(first, TRITON.patch_embed_pos_grad(grad, ids, 9))
+
+
+# --- unshuffle_mask_tokens ---------------------------------------------------------------------------
+
+# (B, L, K, Dd): L = K = 1; K = 1; K = L; L + 1 not a row-block multiple and Dd > BLOCK_N
+UNSHUFFLE_SHAPES = [(1, 1, 1, 16), (2, 7, 1, 24), (3, 21, 21, 40), (2, 37, 9, 160)]
+
+
+def _unshuffle_inputs(device, shape, dtype, mask_shape=(1, 1), pos_layout="3d"):
+    b, length, k, dim = shape
+    _, ids_restore, _ = reference.random_masking(torch.rand(b, length, device=device), k)
+    x = torch.randn(b, k + 1, dim, device=device).to(dtype)
+    mask_token = torch.randn(*mask_shape, dim, device=device)  # a float32 parameter, as in the model
+    pos = {"none": None, "2d": torch.randn(length + 1, dim), "3d": torch.randn(1, length + 1, dim)}[pos_layout]
+    return x, mask_token, ids_restore, None if pos is None else pos.to(device)
+
+
+def _check_unshuffle(inputs, dtype):
+    x, _, ids_restore, _ = inputs
+    grad_out = torch.randn(x.shape[0], ids_restore.shape[1] + 1, x.shape[2], device=x.device).to(dtype)
+    out, grads = grads_of(lambda *a: ops.unshuffle_mask_tokens(*a, backend="triton"), inputs, grad_out)
+    same, same_grads = grads_of(reference.unshuffle_mask_tokens, inputs, grad_out)
+    as64 = [t.double() if t is not None and t.is_floating_point() else t for t in inputs]
+    exact, exact_grads = grads_of(reference.unshuffle_mask_tokens, as64, grad_out.double())
+    assert_close(out, same, exact, "out")
+    assert torch.equal(grads[0], same_grads[0]), "grad of x is a permutation of grad_out's rows"
+    for name, index in (("mask_token", 1), ("pos_embed", 3)):
+        if exact_grads[index] is None:
+            assert grads[index] is None, name
+        else:
+            assert_close(grads[index], same_grads[index], exact_grads[index], f"grad of {name}")
+
+
+@pytest.mark.parametrize("shape", UNSHUFFLE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
+def test_unshuffle_mask_tokens_matches_reference(device, shape, dtype):
+    _check_unshuffle(_unshuffle_inputs(device, shape, dtype), dtype)
+
+
+@pytest.mark.parametrize("mask_shape,pos_layout", [((), "none"), ((1, 1), "2d")])
+def test_unshuffle_mask_tokens_optional_inputs(device, mask_shape, pos_layout):
+    _check_unshuffle(_unshuffle_inputs(device, (2, 11, 4, 24), torch.float16, mask_shape, pos_layout), torch.float16)
+
+
+def test_unshuffle_mask_tokens_non_contiguous(device):
+    x, mask_token, ids_restore, pos = _unshuffle_inputs(device, (2, 11, 4, 24), torch.float32)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    ids_restore = ids_restore.t().contiguous().t()
+    assert not x.is_contiguous() and not ids_restore.is_contiguous()
+    _check_unshuffle((x, mask_token, ids_restore, pos), torch.float32)
+
+
+def test_unshuffle_mask_token_grad_is_deterministic(device):
+    _, ids_restore, _ = reference.random_masking(torch.rand(6, 30, device=device), 7)
+    grad = torch.randn(6, 31, 40, device=device)
+    first = TRITON.unshuffle_mask_tokens_backward(grad, ids_restore, 7)
+    second = TRITON.unshuffle_mask_tokens_backward(grad, ids_restore, 7)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+# --- custom-op registration, torch.compile -----------------------------------------------------------
+
+
+def _custom_op_cases(device):
+    b, c, h, w, p, d, k = 2, 3, 8, 12, 4, 24, 3
+    imgs, ids, weight, bias, pos = _embed_inputs(device, (b, c, h, w, p, d, k), torch.float32)
+    x, mask_token, ids_restore, dpos = _unshuffle_inputs(device, (b, 6, k, d), torch.float32)
+    patches = torch.randn(b, k, p * p * c, device=device)
+    leaf = [imgs, weight, bias, pos, x, mask_token, dpos, patches]
+    imgs, weight, bias, pos, x, mask_token, dpos, patches = [t.requires_grad_() for t in leaf]
+    return {
+        "patchify_gather": (TRITON.patchify_gather, (imgs, ids, p)),
+        "patchify_gather_conv_order": (TRITON.patchify_gather, (imgs, ids, p, True)),
+        "patchify_scatter": (TRITON.patchify_scatter, (patches, ids, p, h, w, False)),
+        "patch_embed_gather": (TRITON.patch_embed_gather, (imgs, ids, weight, bias, pos)),
+        "patch_embed_gather_no_bias_pos": (TRITON.patch_embed_gather, (imgs, ids, weight, None, None)),
+        "patch_embed_pos_grad": (TRITON.patch_embed_pos_grad, (torch.randn(b, k, d, device=device), ids, 6)),
+        "unshuffle_mask_tokens": (TRITON.unshuffle_mask_tokens, (x, mask_token, ids_restore, dpos)),
+        "unshuffle_mask_tokens_backward": (
+            TRITON.unshuffle_mask_tokens_backward,
+            (torch.randn(b, 7, d, device=device), ids_restore, k),
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "patchify_gather",
+        "patchify_gather_conv_order",
+        "patchify_scatter",
+        "patch_embed_gather",
+        "patch_embed_gather_no_bias_pos",
+        "patch_embed_pos_grad",
+        "unshuffle_mask_tokens",
+        "unshuffle_mask_tokens_backward",
+    ],
+)
+def test_opcheck(device, case):
+    op, args = _custom_op_cases(device)[case]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_traces_all_three_ops(device):
+    """Fake impls + registered autograd let dynamo/AOTAutograd trace forward and backward in one graph.
+
+    On the CPU this uses backend="aot_eager": inductor's CPU codegen around interpreter launches takes
+    ~90 s on 2 cores (the GPU test below compiles with inductor). The public ops check index ranges on
+    CPU tensors with a host sync (int(ids.min())), which cannot be traced; so the custom ops are called.
+    """
+    b, c, h, w, p, d, k = 2, 3, 8, 12, 4, 24, 3
+    imgs, ids, weight, bias, pos = _embed_inputs(device, (b, c, h, w, p, d, k), torch.float32)
+    x, mask_token, ids_restore, dpos = _unshuffle_inputs(device, (b, 6, k, d), torch.float32)
+
+    def step(imgs, weight, x, mask_token):
+        tokens = TRITON.patch_embed_gather(imgs, ids, weight, bias, pos)
+        patches = TRITON.patchify_gather(imgs, ids, p)
+        decoder_in = TRITON.unshuffle_mask_tokens(x, mask_token, ids_restore, dpos)
+        return tokens.square().sum() + patches.pow(3).sum() + decoder_in.square().sum()
+
+    leaves = [t.requires_grad_() for t in (imgs, weight, x, mask_token)]
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_loss = step(*leaves)
+    eager_grads = torch.autograd.grad(eager_loss, leaves)
+    compiled_loss = compiled(*leaves)
+    compiled_grads = torch.autograd.grad(compiled_loss, leaves)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.gpu
+def test_torch_compile_inductor_public_ops_gpu():
+    device = torch.device("cuda")
+    imgs, ids, weight, bias, pos = _embed_inputs(device, (8, 3, 64, 48, 16, 192, 3), torch.bfloat16)
+    x, mask_token, ids_restore, dpos = _unshuffle_inputs(device, (8, 12, 3, 128), torch.bfloat16)
+
+    def step(imgs, weight, x):
+        tokens = ops.patch_embed_gather(imgs, ids, weight, bias, pos, backend="triton")
+        patches = ops.patchify_gather(imgs, ids, 16, backend="triton")
+        decoder_in = ops.unshuffle_mask_tokens(x, mask_token, ids_restore, dpos, backend="triton")
+        return tokens.float().square().sum() + patches.float().sum() + decoder_in.float().square().sum()
+
+    leaves = [t.requires_grad_() for t in (imgs, weight, x)]
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    eager_grads = torch.autograd.grad(step(*leaves), leaves)
+    compiled_grads = torch.autograd.grad(compiled(*leaves), leaves)
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
+def test_release_sized_shapes_gpu(dtype):
+    """ViT-B/16 at 224 px, mask 0.75 (K = 49 of 196), decoder 512 wide."""
+    device = torch.device("cuda")
+    _check_embed(_embed_inputs(device, (16, 3, 224, 224, 16, 768, 49), dtype), dtype)
+    _check_unshuffle(_unshuffle_inputs(device, (16, 196, 49, 512), dtype), dtype)
+
+
+# --- the model --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_model_with_triton_gather_ops_matches_reference(device, monkeypatch, norm_pix_loss):
+    """backend="triton" runs these three ops in the model; ops owned elsewhere are pinned to the
+    reference here so that this test judges only the kernels of this file."""
+    mine = {"patchify_gather", "patch_embed_gather", "unshuffle_mask_tokens"}
+    for op in set(dispatch.ops()) - mine:
+        monkeypatch.setitem(dispatch._registry[op], "triton", dispatch._registry[op]["reference"])
+    model = create_model("mae_vit_tiny_patch4_32", depth=1, decoder_depth=1, norm_pix_loss=norm_pix_loss).to(device)
+    imgs = torch.randn(2, 3, 32, 32, device=device)
+    noise = torch.rand(2, model.num_patches, device=device)
+    results = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad()
+        model.set_backend(backend)
+        loss, pred, mask = model(imgs, noise=noise)
+        loss.backward()
+        results[backend] = (
+            loss.detach(),
+            pred.detach(),
+            mask,
+            {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None},
+        )
+    (loss, pred, mask, grads), (ref_loss, ref_pred, ref_mask, ref_grads) = results["triton"], results["reference"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pred, ref_pred, rtol=1e-5, atol=1e-5)
+    assert torch.equal(mask, ref_mask)
+    assert grads.keys() == ref_grads.keys() and "patch_embed.proj.weight" in grads and "mask_token" in grads
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_a_clear_error(device):
+    imgs, ids, weight, bias, pos = _embed_inputs(device, (2, 3, 16, 24, 8, 24, 4), torch.float32)
+    x, mask_token, ids_restore, dpos = _unshuffle_inputs(device, (2, 6, 4, 24), torch.float32)
+    cases = [
+        (lambda: ops.patchify_gather(imgs, ids + 6, 8, backend="triton"), r"ids_keep values must lie in \[0, 6\)"),
+        (lambda: ops.patchify_gather(imgs, ids - 1, 8, backend="triton"), "ids_keep values"),
+        (lambda: ops.patchify_gather(imgs, ids.float(), 8, backend="triton"), "ids_keep must be int64 or int32"),
+        (lambda: ops.patchify_gather(imgs, ids[:1], 8, backend="triton"), "ids_keep batch size 1"),
+        (lambda: ops.patchify_gather(imgs, ids, 5, backend="triton"), "divisible by patch_size=5"),
+        (lambda: ops.patchify_gather(imgs, ids.to("meta"), 8, backend="triton"), "one device"),
+        (lambda: ops.patch_embed_gather(imgs, ids + 6, weight, bias, pos, backend="triton"), "ids_keep values"),
+        (lambda: ops.patch_embed_gather(imgs, ids.double(), weight, bias, pos, backend="triton"), "ids_keep must"),
+        (lambda: ops.patch_embed_gather(imgs[:1], ids, weight, bias, pos, backend="triton"), "ids_keep batch size"),
+        (lambda: ops.patch_embed_gather(imgs[..., :20], ids, weight, bias, pos, backend="triton"), "divisible"),
+        (lambda: ops.patch_embed_gather(imgs, ids, weight, bias.to("meta"), pos, backend="triton"), "bias on meta"),
+        (lambda: ops.patch_embed_gather(imgs, ids, weight, bias, pos[:, :5], backend="triton"), "pos_embed must"),
+        (lambda: ops.unshuffle_mask_tokens(x, mask_token, ids_restore + 6, dpos, backend="triton"), "ids_restore"),
+        (lambda: ops.unshuffle_mask_tokens(x, mask_token, ids_restore.float(), dpos, backend="triton"), "int64"),
+        (lambda: ops.unshuffle_mask_tokens(x[:1], mask_token, ids_restore, dpos, backend="triton"), "batch size"),
+        (lambda: ops.unshuffle_mask_tokens(x, mask_token.to("meta"), ids_restore, dpos, backend="triton"), "device"),
+        (lambda: ops.unshuffle_mask_tokens(x, mask_token[..., :3], ids_restore, dpos, backend="triton"), "mask_token"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_triton_backend_refusals_name_the_reason(device):
+    imgs, ids, weight, bias, pos = _embed_inputs(device, (1, 3, 8, 8, 8, 16, 1), torch.float32)
+    with pytest.raises(dispatch.BackendError, match="float64"):
+        ops.patch_embed_gather(imgs.double(), ids, weight.double(), bias.double(), pos, backend="triton")
+    with pytest.raises(dispatch.BackendError, match="weight is torch.float16 but imgs is torch.float32"):
+        ops.patch_embed_gather(imgs, ids, weight.half(), bias, pos, backend="triton")
+    x, mask_token, ids_restore, dpos = _unshuffle_inputs(device, (1, 4, 2, 16), torch.float64)
+    with pytest.raises(dispatch.BackendError, match="float64"):
+        ops.unshuffle_mask_tokens(x, mask_token, ids_restore, dpos, backend="triton")
+
+
+# --- ahead-of-time compilation for the GPU -------------------------------------------------------------
+
+INDEX_ARGS = ("num_visible", "grid_w", "stride_b", "stride_c", "stride_h", "stride_w")
+
+
+def _gather_job(dtype, arch, kernel):
+    names = ("src_ptr", "ids_ptr", "imgs_ptr") if kernel == "_scatter_kernel" else ("imgs_ptr", "ids_ptr", "out_ptr")
+    signature = dict(zip(names, (f"*{dtype}", "*i64", f"*{dtype}"), strict=True))
+    signature.update(dict.fromkeys(INDEX_ARGS, "i32"))
+    constexprs = {"P": 16, "C": 3, "CONV_ORDER": False, "BLOCK_E": gather_kernel.block_size(3 * 16 * 16)}
+    return "mae_fast.kernels.patchify_gather", kernel, signature, constexprs, arch, 4, 3
+
+
+def _embed_job(dtype, arch, patch):
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    names = ("imgs_ptr", "ids_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr")
+    types = (f"*{dtype}", "*i64", f"*{dtype}", f"*{dtype}", "*fp32", f"*{dtype}")
+    signature = dict(zip(names, types, strict=True))
+    signature.update(dict.fromkeys(("M", "N") + INDEX_ARGS, "i32"))
+    constexprs = {
+        "P": patch, "C": 3, "HAS_BIAS": True, "HAS_POS": True, "UPCAST": False,
+        "PRECISION": patch_embed_kernel.dot_precision(torch_dtype), "BLOCK_M": patch_embed_kernel.BLOCK_M,
+        "BLOCK_N": patch_embed_kernel.block_n(768), "BLOCK_K": patch_embed_kernel.block_k(torch_dtype),
+    }  # fmt: skip
+    warps, stages = patch_embed_kernel.NUM_WARPS, patch_embed_kernel.NUM_STAGES
+    return "mae_fast.kernels.patch_embed", "_patch_embed_kernel", signature, constexprs, arch, warps, stages
+
+
+def _pos_grad_job(dtype, arch):
+    signature = {"grad_ptr": f"*{dtype}", "inv_ptr": "*i32", "out_ptr": "*fp32"}
+    signature.update(dict.fromkeys(("batch", "num_visible", "L", "N"), "i32"))
+    constexprs = {"BLOCK_L": 16, "BLOCK_N": patch_embed_kernel.block_n(768)}
+    return "mae_fast.kernels.patch_embed", "_pos_grad_kernel", signature, constexprs, arch, 4, 3
+
+
+def _unshuffle_job(dtype, arch, backward):
+    constexprs = {"BLOCK_R": unshuffle_kernel.BLOCK_ROWS, "BLOCK_N": unshuffle_kernel.block_n(512)}
+    if backward:
+        signature = {"grad_ptr": f"*{dtype}", "ids_ptr": "*i64", "grad_x_ptr": f"*{dtype}", "partial_ptr": "*fp32"}
+        kernel = "_unshuffle_backward_kernel"
+    else:
+        names = ("x_ptr", "mask_ptr", "ids_ptr", "pos_ptr", "out_ptr")
+        signature = dict(zip(names, (f"*{dtype}", "*fp32", "*i64", "*fp32", f"*{dtype}"), strict=True))
+        constexprs = {"HAS_POS": True, **constexprs}
+        kernel = "_unshuffle_kernel"
+    signature.update(dict.fromkeys(("num_visible", "L", "N"), "i32"))
+    return "mae_fast.kernels.unshuffle", kernel, signature, constexprs, arch, 4, 3
+
+
+def _aot_jobs():
+    """The launchers' default configs, at ViT-B/16 sizes (p = 16, C = 3, D = 768, Dd = 512) and p = 14."""
+    jobs = {
+        "gather bf16": _gather_job("bf16", 90, "_gather_kernel"),
+        "gather fp32": _gather_job("fp32", 80, "_gather_kernel"),
+        "scatter bf16": _gather_job("bf16", 90, "_scatter_kernel"),
+        "scatter fp32": _gather_job("fp32", 80, "_scatter_kernel"),
+        "patch_embed bf16 p16": _embed_job("bf16", 90, 16),
+        "patch_embed bf16 p16 ": _embed_job("bf16", 80, 16),
+        "patch_embed fp16 p14": _embed_job("fp16", 90, 14),
+        "patch_embed fp32 p14": _embed_job("fp32", 80, 14),
+        "pos_grad bf16": _pos_grad_job("bf16", 90),
+        "pos_grad fp32": _pos_grad_job("fp32", 80),
+        "unshuffle bf16": _unshuffle_job("bf16", 90, False),
+        "unshuffle fp16": _unshuffle_job("fp16", 80, False),
+        "unshuffle backward bf16": _unshuffle_job("bf16", 90, True),
+        "unshuffle backward fp32": _unshuffle_job("fp32", 80, True),
+    }
+    keys = ("module", "kernel", "signature", "constexprs", "arch", "num_warps", "num_stages")
+    return [{"label": label.strip(), **dict(zip(keys, job, strict=True))} for label, job in jobs.items()]
+
+
+# Runs in a fresh process without TRITON_INTERPRET: under the interpreter @triton.jit gives functions
+# that Triton's compiler cannot take.
+_AOT_SCRIPT = """
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+from triton_aot import compile_report
+reports = []
+for job in json.loads(sys.stdin.read()):
+    kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
+    signature = {**job["signature"], **{name: "constexpr" for name in job["constexprs"]}}
+    report = compile_report(
+        kernel, signature, job["constexprs"], arch=job["arch"], num_warps=job["num_warps"], num_stages=job["num_stages"]
+    )
+    reports.append({"label": job["label"], "arch": job["arch"], "text": str(report), "spills": report.spills,
+                    "tensor_cores": report.uses_tensor_cores})
+print(json.dumps(reports))
+"""
+
+
+def test_kernels_compile_for_sm90_and_sm80_without_spills():
+    jobs = _aot_jobs()
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT, os.path.dirname(__file__)],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(reports) == len(jobs) and {report["arch"] for report in reports} == {80, 90}
+    for report in reports:
+        print(f"{report['label']}: {report['text']}")
+    assert all(report["spills"] == 0 for report in reports), [r["text"] for r in reports if r["spills"]]
+    half_gemms = [r for r in reports if r["label"].startswith("patch_embed") and "fp32" not in r["label"]]
+    assert half_gemms and all(report["tensor_cores"] for report in half_gemms), [r["text"] for r in half_gemms]
