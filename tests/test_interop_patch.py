@@ -1,0 +1,162 @@
+"""mae_fast.patch on real timm and transformers ViTs: same outputs, same weights, training, refusals."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mae_fast
+from mae_fast.interop import TimmAttention, TransformersAttention
+from mae_fast.models import create_model
+
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from transformers import ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
+
+IMG = 16
+
+
+def _vit(**kwargs):
+    config = dict(img_size=IMG, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    return VisionTransformer(**{**config, **kwargs}).eval()
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_vit_patched_gives_equal_logits_and_keeps_its_weights():
+    vit = _vit()
+    reference = copy.deepcopy(vit)
+    before = dict(vit.named_parameters())
+    imgs = torch.randn(2, 3, IMG, IMG)
+    report = mae_fast.patch(vit, backend="reference")
+    assert [path for path, _, _ in report.replaced] == ["blocks.0.attn", "blocks.1.attn"] and not report.skipped
+    assert len(report) == 2 and "TimmAttention" in str(report)
+    assert all(type(block.attn) is TimmAttention for block in vit.blocks)
+    after = dict(vit.named_parameters())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)  # same Parameter objects
+    with torch.no_grad():
+        _close(vit(imgs), reference(imgs))
+        mask = torch.rand(vit.patch_embed.num_patches + 1, vit.patch_embed.num_patches + 1) > 0.3
+        mask.fill_diagonal_(True)
+        _close(vit.forward_features(imgs, attn_mask=mask), reference.forward_features(imgs, attn_mask=mask))
+
+
+def test_training_works_after_patching_with_an_optimizer_made_before():
+    vit = _vit().train()
+    reference = copy.deepcopy(vit)
+    optimizer = torch.optim.SGD(vit.parameters(), lr=0.1)
+    mae_fast.patch(vit, backend="reference")
+    imgs, labels = torch.randn(4, 3, IMG, IMG), torch.randint(0, 5, (4,))
+    for model in (vit, reference):
+        nn.functional.cross_entropy(model(imgs), labels).backward()
+    for (name, p), q in zip(vit.named_parameters(), reference.parameters(), strict=True):
+        _close(p.grad, q.grad)
+        assert p.grad.abs().sum() > 0, name
+    weight = vit.blocks[0].attn.qkv.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(vit.blocks[0].attn.qkv.weight, weight)
+
+
+def test_bf16_error_is_within_twice_timms_own():
+    vit = _vit()
+    imgs = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        exact = vit(imgs)
+        plain = vit.to(torch.bfloat16)(imgs.bfloat16()).float()
+        mae_fast.patch(vit, backend="reference")
+        patched = vit(imgs.bfloat16()).float()
+    assert (patched - exact).abs().max() <= 2 * (plain - exact).abs().max()
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason", [(dict(qk_norm=True), "qk_norm"), (dict(attn_drop_rate=0.1), "attention dropout p=0.1")]
+)
+def test_unpatchable_timm_attention_is_left_alone_and_reported(kwargs, reason):
+    vit = _vit(**kwargs)
+    report = mae_fast.patch(vit)
+    assert not report.replaced and [detail for _, _, detail in report.skipped] == [reason, reason]
+    assert all(type(block.attn).__name__ == "Attention" for block in vit.blocks)
+
+
+def test_unknown_attention_classes_and_mae_fast_models_are_left_alone():
+    class MyAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+    holder = nn.Sequential(nn.Linear(4, 4), MyAttention())
+    report = mae_fast.patch(holder)
+    assert not report.replaced and [(p, d) for p, _, d in report.skipped] == [("1", "unknown attention class")]
+    report = mae_fast.patch(create_model("mae_vit_tiny_patch4_32", depth=1, decoder_depth=1))
+    assert not report.replaced and not report.skipped
+    with pytest.raises(TypeError, match="nn.Module"):
+        mae_fast.patch("vit")
+    with pytest.raises(ValueError, match="backend"):
+        mae_fast.patch(holder, backend="fast")
+
+
+def _vitmae_config(**kwargs):
+    config = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=IMG,
+        patch_size=4,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+        norm_pix_loss=True,
+    )
+    return ViTMAEConfig(**{**config, **kwargs})
+
+
+def test_transformers_vitmae_patched_gives_the_same_loss_and_trains():
+    hf = ViTMAEForPreTraining(_vitmae_config())
+    reference = copy.deepcopy(hf)
+    keys = list(hf.state_dict())
+    report = mae_fast.patch(hf, backend="reference")
+    replaced = [path for path, _, _ in report.replaced]
+    assert replaced == ["vit.layers.0.attention", "vit.layers.1.attention", "decoder.decoder_layers.0.attention"]
+    assert type(hf.vit.layers[0].attention) is TransformersAttention and list(hf.state_dict()) == keys
+    imgs, noise = torch.randn(2, 3, IMG, IMG), torch.rand(2, 16)
+    out, expected = hf(imgs, noise=noise), reference(imgs, noise=noise)
+    assert torch.equal(out.mask, expected.mask)
+    _close(out.logits, expected.logits)
+    _close(out.loss, expected.loss)
+    out.loss.backward()
+    expected.loss.backward()
+    _close(hf.vit.layers[0].attention.q_proj.weight.grad, reference.vit.layers[0].attention.q_proj.weight.grad)
+
+
+def test_transformers_vit_classifier_patched_and_dropout_refused():
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=IMG, patch_size=4
+    )
+    hf = ViTForImageClassification(config).eval()
+    reference = copy.deepcopy(hf)
+    report = mae_fast.patch(hf, backend="reference")
+    assert len(report) == 2 and not report.skipped
+    imgs = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        _close(hf(imgs).logits, reference(imgs).logits)
+    dropped = ViTMAEForPreTraining(_vitmae_config(attention_probs_dropout_prob=0.1))
+    report = mae_fast.patch(dropped)
+    assert not report.replaced and len(report.skipped) == 3 and "attention dropout p=0.1" in str(report)
+
+
+@pytest.mark.gpu
+def test_patched_timm_vit_on_the_gpu_bf16():
+    vit = _vit(img_size=64, embed_dim=128, num_heads=2, depth=2).cuda()
+    imgs = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        exact = vit(imgs)
+        plain = vit.to(torch.bfloat16)(imgs.bfloat16()).float()
+        mae_fast.patch(vit, backend="auto")
+        patched = vit(imgs.bfloat16()).float()
+    assert (patched - exact).abs().max() <= 2 * (plain - exact).abs().max()
