@@ -172,6 +172,29 @@ def test_patch_embed_gather_non_contiguous(device):
     _check_embed((imgs, ids, weight, bias, pos), torch.float32)
 
 
+def test_patch_embed_gather_under_autocast(device):
+    """Autocast runs the GEMM in its dtype (as it would the release's conv); fp32 weights get fp32 grads."""
+    imgs, ids, weight, bias, pos = _embed_inputs(device, (2, 3, 16, 24, 8, 24, 4), torch.float32)
+    grad_out = torch.randn(2, 4, 24, device=device, dtype=torch.bfloat16)
+    results = []
+    for backend in ("triton", "reference"):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            results.append(
+                grads_of(
+                    lambda *a, b=backend: ops.patch_embed_gather(*a, backend=b),
+                    (imgs, ids, weight, bias, pos),
+                    grad_out,
+                )
+            )
+    (out, grads), (same, same_grads) = results
+    as64 = [imgs.bfloat16().double(), ids, weight.bfloat16().double(), bias.bfloat16().double(), pos.double()]
+    exact, exact_grads = grads_of(reference.patch_embed_gather, as64, grad_out.double())
+    assert_close(out, same, exact, "out")
+    for index, name in ((0, "imgs"), (2, "weight"), (3, "bias")):
+        assert grads[index].dtype == torch.float32, name
+        assert_close(grads[index].bfloat16(), same_grads[index].bfloat16(), exact_grads[index], f"grad of {name}")
+
+
 def test_patch_embed_pos_grad_is_deterministic(device):
     """Rows share table positions: the batch reduction must give bit-identical results run to run."""
     grad = torch.randn(5, 7, 40, device=device)

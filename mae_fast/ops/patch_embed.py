@@ -116,18 +116,32 @@ def _backward(ctx, grad):
 _triton_patch_embed_gather.register_autograd(_backward, setup_context=_setup)
 
 
+def _autocast_dtype(imgs: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a conv / linear in here, or None outside autocast."""
+    device_type = imgs.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def _triton_check(imgs, ids_keep, weight, bias, pos_embed) -> str | None:
     reason = dispatch.triton_unavailable(imgs, ids_keep, weight, bias, pos_embed)
     if reason is not None:
         return reason
-    if imgs.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"imgs is {imgs.dtype}; the Triton GEMM takes float32, float16 or bfloat16"
-    for name, value in (("weight", weight), ("bias", bias)):
-        if value is not None and value.dtype != imgs.dtype:
-            return f"{name} is {value.dtype} but imgs is {imgs.dtype}; the Triton GEMM needs one dtype"
+    dtype = _autocast_dtype(imgs) or imgs.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"imgs is {dtype}; the Triton GEMM takes float32, float16 or bfloat16"
+    if _autocast_dtype(imgs) is None:
+        for name, value in (("weight", weight), ("bias", bias)):
+            if value is not None and value.dtype != imgs.dtype:
+                return f"{name} is {value.dtype} but imgs is {imgs.dtype}; the Triton GEMM needs one dtype"
     return None
 
 
 @dispatch.register("patch_embed_gather", "triton", check=_triton_check)
 def _triton_patch_embed(imgs, ids_keep, weight, bias, pos_embed):
+    """Under autocast imgs, weight and bias are cast to the autocast dtype, as the release's conv would be
+    (the casts are differentiable, so fp32 master weights get fp32 gradients); pos_embed is read as is."""
+    dtype = _autocast_dtype(imgs)
+    if dtype is not None:
+        imgs, weight = imgs.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return torch.ops.mae_fast_triton.patch_embed_gather(imgs, ids_keep, weight, bias, pos_embed)
