@@ -440,6 +440,14 @@ def test_triton_backend_refusals_name_the_reason(device):
     x, mask_token, ids_restore, dpos = _unshuffle_inputs(device, (1, 4, 2, 16), torch.float64)
     with pytest.raises(dispatch.BackendError, match="float64"):
         ops.unshuffle_mask_tokens(x, mask_token, ids_restore, dpos, backend="triton")
+    repeated = torch.tensor([[0]], device=device)
+    with pytest.raises(dispatch.BackendError, match="distinct ids"):
+        ops.patchify_gather(torch.randn(1, 1, 8, 16, device=device), repeated.expand(1, 2), 8, backend="triton")
+    with pytest.raises(dispatch.BackendError, match="distinct ids"):
+        ops.patch_embed_gather(torch.randn(1, 3, 16, 8, device=device), repeated.expand(1, 2), weight, backend="triton")
+    x, mask_token, _, _ = _unshuffle_inputs(device, (1, 4, 2, 16), torch.float32)
+    with pytest.raises(dispatch.BackendError, match="permutations of 0..3"):
+        ops.unshuffle_mask_tokens(x, mask_token, torch.tensor([[0, 1, 1, 3]], device=device), backend="triton")
 
 
 # --- ahead-of-time compilation for the GPU -------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 
 from mae_fast import dispatch, reference
 from mae_fast.ops import _validate
+from mae_fast.ops.patchify import repeated_ids_reason
 
 
 def patch_embed_gather(
@@ -124,6 +125,9 @@ def _autocast_dtype(imgs: torch.Tensor) -> torch.dtype | None:
 
 def _triton_check(imgs, ids_keep, weight, bias, pos_embed) -> str | None:
     reason = dispatch.triton_unavailable(imgs, ids_keep, weight, bias, pos_embed)
+    if reason is not None:
+        return reason
+    reason = repeated_ids_reason(ids_keep, "ids_keep")
     if reason is not None:
         return reason
     dtype = _autocast_dtype(imgs) or imgs.dtype

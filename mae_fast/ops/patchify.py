@@ -114,8 +114,23 @@ _triton_gather.register_autograd(_gather_backward, setup_context=_gather_setup)
 _triton_scatter.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
+def repeated_ids_reason(ids: torch.Tensor, name: str, permutation: bool = False) -> str | None:
+    """Why ``ids`` [B, n] cannot go to the Triton kernels, or None: their backward scatters without atomics,
+    so the ids of a row must be distinct (``permutation``: a permutation of 0..n-1). Checked where the
+    index ranges are (on the CPU, or with MAE_FAST_CHECK_INDICES=1): on a GPU it would sync every step."""
+    if ids.numel() == 0 or not _validate._check_ranges_now(ids):
+        return None
+    ordered = ids.sort(dim=1).values
+    if permutation:
+        if not torch.equal(ordered, torch.arange(ids.shape[1], device=ids.device).expand_as(ordered).to(ids.dtype)):
+            return f"{name} rows must be permutations of 0..{ids.shape[1] - 1} (as random_masking returns)"
+    elif bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        return f"{name} repeats a patch id within a row; the Triton kernels need distinct ids (as random_masking gives)"
+    return None
+
+
 def _triton_check(imgs, ids_keep, patch_size) -> str | None:
-    return dispatch.triton_unavailable(imgs, ids_keep)
+    return dispatch.triton_unavailable(imgs, ids_keep) or repeated_ids_reason(ids_keep, "ids_keep")
 
 
 @dispatch.register("patchify_gather", "triton", check=_triton_check)

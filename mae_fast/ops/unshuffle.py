@@ -6,6 +6,7 @@ import torch
 
 from mae_fast import dispatch, reference
 from mae_fast.ops import _validate
+from mae_fast.ops.patchify import repeated_ids_reason
 
 
 def unshuffle_mask_tokens(
@@ -107,6 +108,7 @@ _triton_unshuffle.register_autograd(_backward, setup_context=_setup)
 
 def _triton_check(x, mask_token, ids_restore, pos_embed) -> str | None:
     reason = dispatch.triton_unavailable(x, mask_token, ids_restore, pos_embed)
+    reason = reason or repeated_ids_reason(ids_restore, "ids_restore", permutation=True)
     if reason is None and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"x is {x.dtype}; the Triton kernel takes float32, float16 or bfloat16 (it adds in fp32)"
     return reason
