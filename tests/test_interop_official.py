@@ -86,6 +86,13 @@ def test_finetune_head_is_skipped_and_reported(tiny):
     assert report.ignored_keys == ["head.bias", "head.weight"] and "head.weight" in str(report)
 
 
+def test_finetuned_global_pool_checkpoint_is_refused_with_a_pointer(tiny):
+    state = to_official(tiny, encoder_only=True, wrap=False)
+    state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
+    with pytest.raises(ValueError, match="fc_norm_as_norm"):
+        from_official(state)
+
+
 def test_custom_config_needs_head_counts():
     custom = _custom()
     with pytest.raises(ValueError, match="num_heads"):

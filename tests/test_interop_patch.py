@@ -27,7 +27,22 @@ def _close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_timm_vit_patched_gives_equal_logits_and_keeps_its_weights():
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """(batch, tokens) of every attention op mae_fast dispatches: proof that the patched modules run mae_fast."""
+    calls = []
+    original = mae_fast.dispatch.dispatch
+
+    def counting(op, *args, **kwargs):
+        if op in ("visible_attention", "qkv_attention"):
+            calls.append(tuple(args[0].shape[:2]))
+        return original(op, *args, **kwargs)
+
+    monkeypatch.setattr(mae_fast.dispatch, "dispatch", counting)
+    return calls
+
+
+def test_timm_vit_patched_gives_equal_logits_and_keeps_its_weights(attention_calls):
     vit = _vit()
     reference = copy.deepcopy(vit)
     before = dict(vit.named_parameters())
@@ -40,9 +55,13 @@ def test_timm_vit_patched_gives_equal_logits_and_keeps_its_weights():
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)  # same Parameter objects
     with torch.no_grad():
         _close(vit(imgs), reference(imgs))
+        assert attention_calls == [(2, 17)] * 2
         mask = torch.rand(vit.patch_embed.num_patches + 1, vit.patch_embed.num_patches + 1) > 0.3
         mask.fill_diagonal_(True)
         _close(vit.forward_features(imgs, attn_mask=mask), reference.forward_features(imgs, attn_mask=mask))
+    assert len(attention_calls) == 2  # masks take the scaled_dot_product_attention fallback
+    again = mae_fast.patch(vit)
+    assert not again.replaced and not again.skipped
 
 
 def test_training_works_after_patching_with_an_optimizer_made_before():
@@ -116,7 +135,7 @@ def _vitmae_config(**kwargs):
     return ViTMAEConfig(**{**config, **kwargs})
 
 
-def test_transformers_vitmae_patched_gives_the_same_loss_and_trains():
+def test_transformers_vitmae_patched_gives_the_same_loss_and_trains(attention_calls):
     hf = ViTMAEForPreTraining(_vitmae_config())
     reference = copy.deepcopy(hf)
     keys = list(hf.state_dict())
@@ -126,6 +145,7 @@ def test_transformers_vitmae_patched_gives_the_same_loss_and_trains():
     assert type(hf.vit.layers[0].attention) is TransformersAttention and list(hf.state_dict()) == keys
     imgs, noise = torch.randn(2, 3, IMG, IMG), torch.rand(2, 16)
     out, expected = hf(imgs, noise=noise), reference(imgs, noise=noise)
+    assert attention_calls == [(2, 5)] * 2 + [(2, 17)]  # visible tokens only in the encoder
     assert torch.equal(out.mask, expected.mask)
     _close(out.logits, expected.logits)
     _close(out.loss, expected.loss)

@@ -145,6 +145,11 @@ def from_official(
     keys, a partial decoder and unknown keys raise ValueError; a fine-tuning head is skipped and reported.
     """
     state = state_dict_from(path_or_state)
+    if "norm.weight" not in state and "fc_norm.weight" in state:
+        raise ValueError(
+            "the checkpoint has fc_norm and no encoder norm: a global-pool fine-tuned ViT, not an MAE; "
+            "load it with mae_fast.interop.from_timm(..., fc_norm_as_norm=True) if that is what you want"
+        )
     num_heads = model_kwargs.pop("num_heads", None)
     if num_heads is not None and model is not None:
         raise ValueError("num_heads is only used when the config is inferred (model=None)")
