@@ -3,13 +3,15 @@
 The extension is built when the installed torch is a CUDA build, nvcc is found and an architecture is
 known (TORCH_CUDA_ARCH_LIST, else the visible GPU). MAE_FAST_BUILD_CUDA=0 skips it; =1 forces it and
 fails loudly when it cannot be built. Install with ``pip install --no-build-isolation .`` so the build
-sees the installed torch.
+sees the installed torch. The compiler's register/spill report of every kernel (nvcc -Xptxas=-v) is kept
+in build/ptxas_report.txt next to this file, where tests/test_cuda_extension.py reads it.
 """
 
 import glob
 import os
 import shutil
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -21,6 +23,7 @@ PACKAGES += [
 ]
 PACKAGE_DIR = {"mae_fast": "mae_fast", "mae_fast.kernels": "kernels"}
 BYTES_PER_NVCC_JOB = 3 * 1024**3
+PTXAS_REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "ptxas_report.txt")
 
 
 def _say(message: str) -> None:
@@ -41,6 +44,41 @@ def _available_memory() -> int:
 def _default_max_jobs() -> str:
     by_memory = max(1, _available_memory() // BYTES_PER_NVCC_JOB)
     return str(max(1, min(os.cpu_count() or 1, by_memory)))
+
+
+def _keep_ptxas_report(build_log: str) -> None:
+    """Write the ptxas lines of a build log to PTXAS_REPORT (a no-op rebuild compiles nothing: keep the old one)."""
+    lines = [line.strip() for line in build_log.splitlines() if "ptxas info" in line or "bytes stack frame" in line]
+    if not lines:
+        return
+    os.makedirs(os.path.dirname(PTXAS_REPORT), exist_ok=True)
+    with open(PTXAS_REPORT, "w") as report:
+        report.write("\n".join(lines) + "\n")
+    _say(f"register/spill report of {sum('Compiling entry' in line for line in lines)} kernels in {PTXAS_REPORT}")
+
+
+def _build_ext_keeping_ptxas_report(base):
+    """BuildExtension that tees the compiler output (ninja writes to fd 1) to keep the ptxas report."""
+
+    class BuildExtensionWithReport(base):
+        def build_extensions(self):
+            with tempfile.TemporaryFile() as log:
+                sys.stdout.flush()
+                saved = os.dup(1)
+                os.dup2(log.fileno(), 1)
+                try:
+                    super().build_extensions()
+                finally:
+                    sys.stdout.flush()
+                    os.dup2(saved, 1)
+                    os.close(saved)
+                    log.seek(0)
+                    text = log.read().decode(errors="replace")
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+            _keep_ptxas_report(text)
+
+    return BuildExtensionWithReport
 
 
 def _cuda_extension_plan():
@@ -93,7 +131,7 @@ def _cuda_extension_plan():
     )
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU")
     _say(f"building mae_fast._C for {arch} with MAX_JOBS={os.environ['MAX_JOBS']}")
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    build_ext = _build_ext_keeping_ptxas_report(cpp_extension.BuildExtension.with_options(use_ninja=True))
     return [extension], {"build_ext": build_ext}
 
 

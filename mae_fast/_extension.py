@@ -20,6 +20,9 @@ def _load() -> tuple[object | None, str | None]:
         return None, f"mae_fast._C could not be imported: {error}"
     from mae_fast.ops import _cuda_registrations
 
+    missing = sorted(set(_cuda_registrations.SCHEMAS) - set(registered_schemas()))
+    if missing:  # a _C built from older sources: unusable rather than half-registered
+        return None, f"mae_fast._C lacks the ops {missing}: it is stale, rebuild it (pip install -e .)"
     _cuda_registrations.register()
     return _C, None
 
@@ -41,10 +44,9 @@ def module():
 
 
 def registered_schemas() -> dict[str, str]:
-    """Schema of every op the extension registered under ``torch.ops.mae_fast``."""
-    schemas = {}
-    for name in dir(torch.ops.mae_fast):
-        packet = getattr(torch.ops.mae_fast, name)
-        if isinstance(packet, torch._ops.OpOverloadPacket):
-            schemas[name] = str(packet.default._schema)
-    return schemas
+    """Schema of every op registered under ``torch.ops.mae_fast`` (by the extension), keyed by op name."""
+    return {
+        schema.name.split("::", 1)[1]: str(schema)
+        for schema in torch._C._jit_get_all_schemas()
+        if schema.name.startswith("mae_fast::")
+    }
