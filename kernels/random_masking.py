@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_L = 32
+BLOCK_L = 16  # with BLOCK_M = 128: 40 registers on sm_90, no spills
 BLOCK_M = 128
 
 

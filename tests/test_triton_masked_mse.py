@@ -202,17 +202,39 @@ def test_opcheck(device):
 
 
 def test_torch_compile_fullgraph(device):
-    """aot_eager: inductor would only wrap the opaque custom op; what matters is the graph without breaks."""
+    """Fake impls + registered autograd let dynamo/AOTAutograd trace the forward and backward custom ops.
+
+    On the CPU: backend="aot_eager" (inductor's CPU codegen around interpreter launches only costs time)
+    and the custom op itself: the public op's dispatcher also runs the other backends' checks, whose
+    tracing is not this kernel's concern (the GPU test below compiles the public op with inductor).
+    """
     pred, imgs, mask = _inputs(2, 3, 4, 2, 3, torch.bfloat16, device)
 
     def step(pred, imgs, mask):
-        return ops.masked_mse_loss(pred, imgs, mask, 4, True, 1e-6, backend="triton") * 2.0
+        return masked_mse.masked_mse_loss(pred, imgs, mask, 4, True, 1e-6) * 2.0
 
+    torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     leaf = pred.clone().requires_grad_()
     loss = compiled(leaf, imgs, mask)
     loss.backward()
     exact_loss, exact_grad = _exact(pred, imgs, mask, 4, True, grad_loss=2.0)
+    torch.testing.assert_close(loss.double(), 2.0 * exact_loss, rtol=2e-5, atol=0)
+    _assert_grad_close(leaf.grad, exact_grad)
+
+
+@pytest.mark.gpu
+def test_torch_compile_inductor_public_op_gpu():
+    pred, imgs, mask = _inputs(4, 3, 16, 4, 6, torch.bfloat16, torch.device("cuda"))
+
+    def step(pred):
+        return ops.masked_mse_loss(pred, imgs, mask, 16, backend="triton") * 2.0
+
+    torch._dynamo.reset()
+    leaf = pred.clone().requires_grad_()
+    loss = torch.compile(step, fullgraph=True)(leaf)
+    loss.backward()
+    exact_loss, exact_grad = _exact(pred, imgs, mask, 16, True, grad_loss=2.0)
     torch.testing.assert_close(loss.double(), 2.0 * exact_loss, rtol=2e-5, atol=0)
     _assert_grad_close(leaf.grad, exact_grad)
 
