@@ -30,63 +30,70 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _patch_offsets(
-    ids_ptr, row, num_visible, grid_w, offs_e, stride_b, stride_c, stride_h, stride_w,
-    P: tl.constexpr, C: tl.constexpr, CONV_ORDER: tl.constexpr,
+def _patch_tile(
+    ids_ptr, row, num_visible, grid_w, stride_b, stride_c, stride_h, stride_w,
+    P: tl.constexpr, C: tl.constexpr, CONV_ORDER: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Image offsets of the values ``offs_e`` of the patch ids_keep.flatten()[row], in the output's order."""
+    """A [BLOCK_PIX, BLOCK_C] (pixel, channel) tile of the patch ids_keep.flatten()[row]: its image offsets,
+    its offsets in the flattened patch (output order) and its in-bounds mask.
+
+    Pixels run along the first axis, so one channel plane is read in contiguous runs of p values whatever
+    the output order; the (i, j, c) store then writes one contiguous run per program.
+    """
     b = row // num_visible
     patch = tl.load(ids_ptr + row).to(tl.int64)
-    top = (patch // grid_w) * P
-    left = (patch % grid_w) * P
+    pix = tl.program_id(1) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    top = (patch // grid_w) * P + pix // P
+    left = (patch % grid_w) * P + pix % P
+    image = b.to(tl.int64) * stride_b + (top * stride_h + left * stride_w)[:, None] + (c * stride_c)[None, :]
     if CONV_ORDER:  # (c, i, j)
-        c = offs_e // (P * P)
-        i = (offs_e // P) % P
-        j = offs_e % P
+        flat = c[None, :] * (P * P) + pix[:, None]
     else:  # (i, j, c)
-        i = offs_e // (P * C)
-        j = (offs_e // C) % P
-        c = offs_e % C
-    return b.to(tl.int64) * stride_b + c * stride_c + (top + i) * stride_h + (left + j) * stride_w
+        flat = pix[:, None] * C + c[None, :]
+    inside = (pix < P * P)[:, None] & (c < C)[None, :]
+    return image, flat, inside
 
 
 @triton.jit
 def _gather_kernel(
     imgs_ptr, ids_ptr, out_ptr, num_visible, grid_w,
     stride_b, stride_c, stride_h, stride_w,
-    P: tl.constexpr, C: tl.constexpr, CONV_ORDER: tl.constexpr, BLOCK_E: tl.constexpr,
+    P: tl.constexpr, C: tl.constexpr, CONV_ORDER: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """One program per (visible patch row = b * K + k, block of BLOCK_E values); out is contiguous."""
+    """Grid (B*K visible patches, pixel blocks, channel blocks); out [B*K, P*P*C] contiguous."""
     row = tl.program_id(0)
-    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    inside = offs_e < P * P * C
-    src = _patch_offsets(
-        ids_ptr, row, num_visible, grid_w, offs_e, stride_b, stride_c, stride_h, stride_w, P, C, CONV_ORDER
+    image, flat, inside = _patch_tile(
+        ids_ptr, row, num_visible, grid_w, stride_b, stride_c, stride_h, stride_w, P, C, CONV_ORDER, BLOCK_PIX, BLOCK_C
     )
-    values = tl.load(imgs_ptr + src, mask=inside)
-    tl.store(out_ptr + row.to(tl.int64) * (P * P * C) + offs_e, values, mask=inside)
+    values = tl.load(imgs_ptr + image, mask=inside)
+    tl.store(out_ptr + row.to(tl.int64) * (P * P * C) + flat, values, mask=inside)
 
 
 @triton.jit
 def _scatter_kernel(
     src_ptr, ids_ptr, imgs_ptr, num_visible, grid_w,
     stride_b, stride_c, stride_h, stride_w,
-    P: tl.constexpr, C: tl.constexpr, CONV_ORDER: tl.constexpr, BLOCK_E: tl.constexpr,
+    P: tl.constexpr, C: tl.constexpr, CONV_ORDER: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """The adjoint of ``_gather_kernel``: src [B*K, P*P*C] contiguous -> its pixels in imgs."""
     row = tl.program_id(0)
-    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    inside = offs_e < P * P * C
-    dst = _patch_offsets(
-        ids_ptr, row, num_visible, grid_w, offs_e, stride_b, stride_c, stride_h, stride_w, P, C, CONV_ORDER
+    image, flat, inside = _patch_tile(
+        ids_ptr, row, num_visible, grid_w, stride_b, stride_c, stride_h, stride_w, P, C, CONV_ORDER, BLOCK_PIX, BLOCK_C
     )
-    values = tl.load(src_ptr + row.to(tl.int64) * (P * P * C) + offs_e, mask=inside)
-    tl.store(imgs_ptr + dst, values, mask=inside)
+    values = tl.load(src_ptr + row.to(tl.int64) * (P * P * C) + flat, mask=inside)
+    tl.store(imgs_ptr + image, values, mask=inside)
 
 
-def block_size(patch_values: int) -> int:
-    """Values per program: the whole patch up to 1024 (p = 16, C = 3: 768; p = 14: 588 -> 1024)."""
-    return min(1024, triton.next_power_of_2(patch_values))
+def block_sizes(patch_size: int, channels: int) -> tuple[int, int]:
+    """(BLOCK_PIX, BLOCK_C): up to 16 channels and 1024 values per program (p = 16, C = 3: 256 x 4)."""
+    block_c = min(16, triton.next_power_of_2(channels))
+    return min(triton.next_power_of_2(patch_size * patch_size), max(16, 1024 // block_c)), block_c
+
+
+def _grid(rows: int, patch_size: int, channels: int) -> tuple[tuple[int, int, int], int, int]:
+    block_pix, block_c = block_sizes(patch_size, channels)
+    return (rows, triton.cdiv(patch_size * patch_size, block_pix), triton.cdiv(channels, block_c)), block_pix, block_c
 
 
 def gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, conv_order: bool = False) -> torch.Tensor:
@@ -101,11 +108,11 @@ def gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, conv_ord
     if out.numel() == 0:
         return out
     ids = ids_keep.contiguous()
-    block = block_size(values)
-    grid = (b * k, triton.cdiv(values, block))
+    grid, block_pix, block_c = _grid(b * k, patch_size, c)
     _gather_kernel[grid](
-        imgs, ids, out, k, w // patch_size, *imgs.stride(), P=patch_size, C=c, CONV_ORDER=conv_order, BLOCK_E=block
-    )
+        imgs, ids, out, k, w // patch_size, *imgs.stride(),
+        P=patch_size, C=c, CONV_ORDER=conv_order, BLOCK_PIX=block_pix, BLOCK_C=block_c,
+    )  # fmt: skip
     return out
 
 
@@ -120,9 +127,9 @@ def scatter(
         return imgs
     src = patches.contiguous()
     ids = ids_keep.contiguous()
-    block = block_size(values)
-    grid = (b * k, triton.cdiv(values, block))
+    grid, block_pix, block_c = _grid(b * k, patch_size, c)
     _scatter_kernel[grid](
-        src, ids, imgs, k, width // patch_size, *imgs.stride(), P=patch_size, C=c, CONV_ORDER=conv_order, BLOCK_E=block
-    )
+        src, ids, imgs, k, width // patch_size, *imgs.stride(),
+        P=patch_size, C=c, CONV_ORDER=conv_order, BLOCK_PIX=block_pix, BLOCK_C=block_c,
+    )  # fmt: skip
     return imgs

@@ -60,8 +60,15 @@ def grads_of(fn, inputs, grad_out):
 
 # --- patchify_gather ---------------------------------------------------------------------------------
 
-# (B, C, H, W, p, K): L = 1 = K; p = 14 non-square K = L; L = 40 (not a block multiple); C = 1, K = 1
-GATHER_SHAPES = [(1, 1, 8, 8, 8, 1), (2, 3, 28, 42, 14, 6), (3, 3, 16, 40, 4, 7), (2, 1, 24, 16, 8, 1)]
+# (B, C, H, W, p, K): L = 1 = K; p = 14 non-square K = L; L = 40 (not a block multiple); C = 1, K = 1;
+# C = 20 (two channel blocks)
+GATHER_SHAPES = [
+    (1, 1, 8, 8, 8, 1),
+    (2, 3, 28, 42, 14, 6),
+    (3, 3, 16, 40, 4, 7),
+    (2, 1, 24, 16, 8, 1),
+    (1, 20, 8, 8, 4, 2),
+]
 
 
 @pytest.mark.parametrize("shape", GATHER_SHAPES, ids=str)
@@ -455,11 +462,12 @@ def test_triton_backend_refusals_name_the_reason(device):
 INDEX_ARGS = ("num_visible", "grid_w", "stride_b", "stride_c", "stride_h", "stride_w")
 
 
-def _gather_job(dtype, arch, kernel):
+def _gather_job(dtype, arch, kernel, conv_order=False):
     names = ("src_ptr", "ids_ptr", "imgs_ptr") if kernel == "_scatter_kernel" else ("imgs_ptr", "ids_ptr", "out_ptr")
     signature = dict(zip(names, (f"*{dtype}", "*i64", f"*{dtype}"), strict=True))
     signature.update(dict.fromkeys(INDEX_ARGS, "i32"))
-    constexprs = {"P": 16, "C": 3, "CONV_ORDER": False, "BLOCK_E": gather_kernel.block_size(3 * 16 * 16)}
+    block_pix, block_c = gather_kernel.block_sizes(16, 3)
+    constexprs = {"P": 16, "C": 3, "CONV_ORDER": conv_order, "BLOCK_PIX": block_pix, "BLOCK_C": block_c}
     return "mae_fast.kernels.patchify_gather", kernel, signature, constexprs, arch, 4, 3
 
 
@@ -506,6 +514,8 @@ def _aot_jobs():
         "gather fp32": _gather_job("fp32", 80, "_gather_kernel"),
         "scatter bf16": _gather_job("bf16", 90, "_scatter_kernel"),
         "scatter fp32": _gather_job("fp32", 80, "_scatter_kernel"),
+        "gather conv order bf16": _gather_job("bf16", 90, "_gather_kernel", conv_order=True),
+        "scatter conv order fp32": _gather_job("fp32", 80, "_scatter_kernel", conv_order=True),
         "patch_embed bf16 p16": _embed_job("bf16", 90, 16),
         "patch_embed bf16 p16 ": _embed_job("bf16", 80, 16),
         "patch_embed fp16 p14": _embed_job("fp16", 90, 14),
