@@ -76,7 +76,7 @@ def measure(
     if not smoke:
         fn()
     samples = []
-    for _ in range(3 if smoke else 10):
+    for _ in range(2 if smoke else 10):
         for tensor in grad_to_none:
             tensor.grad = None
         start = time.perf_counter()
@@ -99,7 +99,7 @@ def rotation_count(bytes_per_set: int, device: torch.device) -> int:
 def measure_ceilings(device: torch.device, smoke: bool, rep_ms: int = 100) -> dict:
     """Device-to-device copy bandwidth and dense matmul throughput, measured in this run."""
     if smoke or device.type != "cuda":
-        copy_elems, n, dtype = 4 * 1024**2, 512, torch.float32
+        copy_elems, n, dtype = 1024**2, 256, torch.float32
     else:
         copy_elems, n, dtype = 512 * 1024**2, 8192, torch.bfloat16
     src = torch.rand(copy_elems, device=device)

@@ -76,9 +76,6 @@ def run(args: argparse.Namespace) -> int:
     with_compile = not args.no_compile
     ops_filter = set(args.ops) if args.ops else None
     budget = harness.Budget(args.budget_s)
-    if device.type == "cuda":
-        # every case compiles its own reference; do not let dynamo fall back to eager after 8 shapes
-        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
 
     env = harness.environment(device, smoke)
     stem = args.name or f"{harness.device_slug(env)}_{datetime.date.today().isoformat()}"

@@ -6,7 +6,10 @@ is "met" or "NOT met" only when both sides were timed; otherwise it is "not meas
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 MAE_FAST = ("cuda", "triton")
 SDPA_FAST = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
@@ -164,7 +167,7 @@ def summarize(doc: dict) -> str:
         f"torch {env['torch']}, triton {env.get('triton')})",
     ]
     if not env["claims"]:
-        lines.append("CPU / smoke run: these numbers are NOT performance claims")
+        lines.append("not a GPU benchmark run: these numbers are NOT performance claims")
     lines.append(
         f"ceilings: copy {ceilings['copy']['gbps']:.1f} GB/s, {ceilings['matmul']['dtype']} matmul "
         f"{ceilings['matmul']['tflops']:.2f} TFLOP/s"
@@ -194,8 +197,8 @@ def summarize(doc: dict) -> str:
         ):
             continue
         speedups = ", ".join(f"{v:.2f}x {k}" for k, v in sorted(row["speedup"].items()) if k not in MAE_FAST)
-        gbps = f"{row['gbps']:.0f}" if row.get("gbps") else "-"
-        tflops = f"{row['tflops']:.1f}" if row.get("tflops") else "-"
+        gbps = f"{row['gbps']:.4g}" if row.get("gbps") else "-"
+        tflops = f"{row['tflops']:.3g}" if row.get("tflops") else "-"
         lines.append(
             f"{row['op']:<26}{row['case']:<15}{row['mode']:<8}{row['provider']:<20}{row['median_ms']:>11.4f}"
             f"{gbps:>9}{tflops:>9}  {speedups}"
@@ -218,3 +221,28 @@ def summarize(doc: dict) -> str:
     for target, verdict, detail in evaluate(doc):
         lines.append(f"  [{verdict}] {target.what} (target {target.threshold:g}): {detail}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.summary RESULTS.json [--out DIR] [--plots]``: validate, summarise, plot."""
+    parser = argparse.ArgumentParser(description="Summary (and plots) of a benchmark results file.")
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="folder for <stem>_summary.txt and the PNGs")
+    parser.add_argument("--plots", action="store_true", help="also draw the PNGs")
+    args = parser.parse_args(argv)
+    from benchmarks import plot, schema
+
+    doc = json.loads(args.results.read_text())
+    schema.validate(doc)
+    out = args.out or args.results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plots:
+        plot.plot(doc, out, args.results.stem)
+    text = summarize(doc)
+    (out / f"{args.results.stem}_summary.txt").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
