@@ -11,9 +11,7 @@ from mae_fast.interop import TimmAttention, TransformersAttention
 from mae_fast.models import create_model
 
 pytest.importorskip("timm")
-pytest.importorskip("transformers")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-from transformers import ViTConfig, ViTForImageClassification, ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 
 IMG = 16
 
@@ -118,6 +116,11 @@ def test_unknown_attention_classes_and_mae_fast_models_are_left_alone():
         mae_fast.patch(holder, backend="fast")
 
 
+def _transformers():
+    """transformers, imported by the tests that need it (the GPU machine may have timm only)."""
+    return pytest.importorskip("transformers")
+
+
 def _vitmae_config(**kwargs):
     config = dict(
         hidden_size=32,
@@ -132,11 +135,11 @@ def _vitmae_config(**kwargs):
         decoder_intermediate_size=32,
         norm_pix_loss=True,
     )
-    return ViTMAEConfig(**{**config, **kwargs})
+    return _transformers().ViTMAEConfig(**{**config, **kwargs})
 
 
 def test_transformers_vitmae_patched_gives_the_same_loss_and_trains(attention_calls):
-    hf = ViTMAEForPreTraining(_vitmae_config())
+    hf = _transformers().ViTMAEForPreTraining(_vitmae_config())
     reference = copy.deepcopy(hf)
     keys = list(hf.state_dict())
     report = mae_fast.patch(hf, backend="reference")
@@ -155,17 +158,18 @@ def test_transformers_vitmae_patched_gives_the_same_loss_and_trains(attention_ca
 
 
 def test_transformers_vit_classifier_patched_and_dropout_refused():
-    config = ViTConfig(
+    transformers = _transformers()
+    config = transformers.ViTConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=IMG, patch_size=4
     )
-    hf = ViTForImageClassification(config).eval()
+    hf = transformers.ViTForImageClassification(config).eval()
     reference = copy.deepcopy(hf)
     report = mae_fast.patch(hf, backend="reference")
     assert len(report) == 2 and not report.skipped
     imgs = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
         _close(hf(imgs).logits, reference(imgs).logits)
-    dropped = ViTMAEForPreTraining(_vitmae_config(attention_probs_dropout_prob=0.1))
+    dropped = transformers.ViTMAEForPreTraining(_vitmae_config(attention_probs_dropout_prob=0.1))
     report = mae_fast.patch(dropped)
     assert not report.replaced and len(report.skipped) == 3 and "attention dropout p=0.1" in str(report)
 

@@ -128,8 +128,6 @@ def load_release_state(
     report.load = load_checkpoint(model, known, strict_encoder=strict)
     report.load.unexpected_keys = unexpected
     report.loaded_keys = len(known)
-    if report.load.encoder_only:
-        report.notes.append("encoder-only weights: the decoder keeps its initialisation")
 
 
 def from_official(
