@@ -463,7 +463,7 @@ def build_cases(
 # --- running a case --------------------------------------------------------------------------------
 
 
-def _leaves(inputs: tuple, grad_inputs: tuple[int, ...], dtype: torch.dtype | None = None) -> tuple:
+def detached_inputs(inputs: tuple, grad_inputs: tuple[int, ...], dtype: torch.dtype | None = None) -> tuple:
     """Detached copies (cast to ``dtype`` if floating and given); the grad_inputs require grad."""
     out = []
     for index, value in enumerate(inputs):
@@ -485,7 +485,7 @@ def _forward(case: Case, fn: Callable, inputs: tuple, device: torch.device):
 
 def _outputs_and_grads(case: Case, fn: Callable, inputs: tuple, grad_out, device, exact: bool = False):
     """(output, grads of the grad_inputs) of ``fn`` on fresh leaves of ``inputs``."""
-    leaves = _leaves(inputs, case.grad_inputs, torch.float64 if exact else None)
+    leaves = detached_inputs(inputs, case.grad_inputs, torch.float64 if exact else None)
     out = fn(*leaves) if exact else _forward(case, fn, leaves, device)
     if not case.grad_inputs or not any(m != "fwd" for m in case.modes):
         return out, []
@@ -524,7 +524,7 @@ def _row(case: Case, provider: str, mode: str, status: str, reason: str | None =
 
 def _timed_fn(case: Case, fn: Callable, sets: list[tuple], mode: str, grad_out, device):
     """(closure to time, tensors whose .grad do_bench resets) for one mode, cycling over input sets."""
-    leaves = [_leaves(inputs, case.grad_inputs) for inputs in sets]
+    leaves = [detached_inputs(inputs, case.grad_inputs) for inputs in sets]
     resets = [leaf[i] for leaf in leaves for i in case.grad_inputs]
     order = itertools.cycle(range(len(leaves)))
     if mode == "fwd":
@@ -549,7 +549,7 @@ def run_case(
         return [_row(case, p.name, m, "skipped", "time budget exhausted") for p in case.providers for m in case.modes]
     inputs = case.make_inputs()
     eager = next(p for p in case.providers if p.name == "reference")
-    eager_out = _forward(case, eager.fn, _leaves(inputs, ()), device)
+    eager_out = _forward(case, eager.fn, detached_inputs(inputs, ()), device)
     grad_out = None
     if case.grad_inputs:
         grad_out = torch.ones_like(eager_out) if eager_out.dim() == 0 else torch.randn_like(eager_out)
