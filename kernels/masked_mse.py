@@ -8,13 +8,15 @@ Forward (one launch over the patches, then one tiny launch):
   of ``mask * per_patch_mse`` and one of ``mask`` per program (no atomics);
 - a one-program launch adds the partials in a fixed order (deterministic: the same inputs give the same
   bits run after run) and writes the loss and the mask sum.
-Patches whose mask is 0 are not read at all (their residual is 0), so a forward reads pred and the
-pixels of the removed patches only. Unlike the reference, a non-finite value in a kept patch
-(mask == 0) therefore does not turn the loss into NaN.
+The residual is written only when pred needs a gradient (``store_residual``): a loss computed under
+no_grad writes nothing but the partials. Patches whose mask is 0 are not read at all (their residual
+is 0), so a forward reads pred and the pixels of the removed patches only. Unlike the reference, a
+non-finite value in a kept patch (mask == 0) therefore does not turn the loss into NaN.
 
 Backward: grad_pred = residual * (2 * grad_loss / (p*p*C * mask_sum)), one elementwise launch that
 reads the stored residual and never pred or the image again. The residual is O(1) (the 2 / (N * sum)
-factor is applied in the backward) so it neither underflows in fp16 nor loses bits before scaling.
+factor is applied in the backward), so it does not underflow in fp16 before scaling; the gradient is
+the residual rounded to pred's dtype, then scaled and rounded again (within one ulp of the exact one).
 
 The image is a constant of the loss in MAE (it never requires grad), so this op gives no gradient for
 ``imgs`` or ``mask``; the dispatcher's check sends such calls to the reference backend.
@@ -78,6 +80,7 @@ def _masked_mse_forward_kernel(
     NORM_PIX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STORE_RESIDUAL: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
     N: tl.constexpr = P * P * C
@@ -111,12 +114,13 @@ def _masked_mse_forward_kernel(
 
     diff = tl.where(load_mask, pred - target, 0.0)
     per_patch = tl.sum(diff * diff, axis=1) / N
-    residual = _round_to_bf16(diff * weight[:, None], ROUND_BF16)
-    tl.store(
-        residual_ptr + rows[:, None] * N + n[None, :],
-        residual.to(residual_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & col_ok[None, :],
-    )
+    if STORE_RESIDUAL:
+        residual = _round_to_bf16(diff * weight[:, None], ROUND_BF16)
+        tl.store(
+            residual_ptr + rows[:, None] * N + n[None, :],
+            residual.to(residual_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
     tl.store(partial_ptr + pid, tl.sum(per_patch * weight, axis=0))
     tl.store(partial_ptr + num_programs + pid, tl.sum(weight, axis=0))
 
@@ -176,14 +180,21 @@ def _float_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype in TL_DTYPES else mask.to(torch.float32)
 
 
-def forward_buffers(pred: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Uninitialised outputs of :func:`forward_into` for ``pred`` [B, L, p*p*C] (tests poison them)."""
+def _residual_shape(pred: torch.Tensor, store_residual: bool) -> tuple[int, ...]:
+    return tuple(pred.shape) if store_residual else (0,)
+
+
+def forward_buffers(pred: torch.Tensor, store_residual: bool = True) -> dict[str, torch.Tensor]:
+    """Uninitialised outputs of :func:`forward_into` for ``pred`` [B, L, p*p*C] (tests poison them).
+
+    The residual is [B, L, p*p*C] in pred's dtype, or an empty [0] tensor without ``store_residual``.
+    """
     b, length, values = pred.shape
     block_m = forward_config(values)[0]
     programs = max(1, triton.cdiv(b * length, block_m))
     return {
         "loss": pred.new_empty((), dtype=torch.float32),
-        "residual": torch.empty(b, length, values, device=pred.device, dtype=pred.dtype),
+        "residual": torch.empty(_residual_shape(pred, store_residual), device=pred.device, dtype=pred.dtype),
         "mask_sum": pred.new_empty((), dtype=torch.float32),
         "partials": pred.new_empty(2, programs, dtype=torch.float32),
     }
@@ -204,8 +215,8 @@ def forward_into(
     """Run the forward into buffers from :func:`forward_buffers`; inputs as validated by ops.masked_mse_loss.
 
     pred [B, L, p*p*C] and imgs [B, C, H, W] in float32/float16/bfloat16 with any strides, mask [B, L]
-    of any real dtype. Writes loss (0-d fp32), residual [B, L, p*p*C] contiguous in pred's dtype and
-    mask_sum (0-d fp32).
+    of any real dtype. Writes loss (0-d fp32), mask_sum (0-d fp32) and, when it has pred's shape, the
+    residual [B, L, p*p*C] (contiguous, pred's dtype).
     """
     b, length, values = pred.shape
     channels, grid_w = imgs.shape[1], imgs.shape[3] // patch_size
@@ -232,6 +243,7 @@ def forward_into(
             NORM_PIX=norm_pix,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
+            STORE_RESIDUAL=residual.shape == pred.shape,
             ROUND_BF16=_rounds_bf16(residual),
             num_warps=num_warps,
         )
@@ -262,18 +274,24 @@ def backward_into(grad_loss: torch.Tensor, residual: torch.Tensor, mask_sum: tor
 
 @torch.library.custom_op("mae_fast_triton::masked_mse_loss", mutates_args=())
 def masked_mse_loss_forward(
-    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool,
+    eps: float,
+    store_residual: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (loss 0-d fp32, residual [B, L, p*p*C] in pred's dtype, mask_sum 0-d fp32)."""
-    buffers = forward_buffers(pred)
+    """-> (loss 0-d fp32, residual [B, L, p*p*C] in pred's dtype or [0], mask_sum 0-d fp32)."""
+    buffers = forward_buffers(pred, store_residual)
     forward_into(pred, imgs, mask, patch_size, norm_pix, eps, **buffers)
     return buffers["loss"], buffers["residual"], buffers["mask_sum"]
 
 
 @masked_mse_loss_forward.register_fake
-def _(pred, imgs, mask, patch_size, norm_pix, eps):
-    loss = pred.new_empty((), dtype=torch.float32)
-    return loss, torch.empty_like(pred, memory_format=torch.contiguous_format), pred.new_empty((), dtype=torch.float32)
+def _(pred, imgs, mask, patch_size, norm_pix, eps, store_residual):
+    residual = pred.new_empty(_residual_shape(pred, store_residual))
+    return pred.new_empty((), dtype=torch.float32), residual, pred.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("mae_fast_triton::masked_mse_loss_backward", mutates_args=())
@@ -302,8 +320,10 @@ def _backward(ctx, grad_loss, grad_residual, grad_mask_sum):
             "constant); use backend='reference' to differentiate them"
         )
     residual, mask_sum = ctx.saved_tensors
+    if ctx.needs_input_grad[0] and residual.dim() != 3:
+        raise RuntimeError("mae_fast_triton::masked_mse_loss was run with store_residual=False: no gradient")
     grad_pred = masked_mse_loss_backward(grad_loss, residual, mask_sum) if ctx.needs_input_grad[0] else None
-    return grad_pred, None, None, None, None, None
+    return grad_pred, None, None, None, None, None, None
 
 
 masked_mse_loss_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -318,4 +338,5 @@ def masked_mse_loss(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """0-d fp32 loss of ops.masked_mse_loss (inputs validated there); differentiable w.r.t. pred only."""
-    return masked_mse_loss_forward(pred, imgs, mask, patch_size, norm_pix, eps)[0]
+    store_residual = pred.requires_grad and torch.is_grad_enabled()
+    return masked_mse_loss_forward(pred, imgs, mask, patch_size, norm_pix, eps, store_residual)[0]

@@ -134,6 +134,19 @@ def test_non_contiguous_inputs(device):
     _assert_grad_close(leaf.grad, exact_grad)
 
 
+def test_no_grad_loss_stores_no_residual(device):
+    pred, imgs, mask = _inputs(2, 3, 4, 2, 3, torch.float16, device)
+    buffers = _poisoned_buffers(pred)
+    buffers["residual"] = masked_mse.forward_buffers(pred, store_residual=False)["residual"]
+    masked_mse.forward_into(pred, imgs, mask, 4, True, 1e-6, **buffers)
+    assert buffers["residual"].shape == (0,)
+    exact_loss, _ = _exact(pred, imgs, mask, 4, True)
+    torch.testing.assert_close(buffers["loss"].double(), exact_loss, rtol=2e-5, atol=0)
+    with torch.no_grad():
+        loss = ops.masked_mse_loss(pred.requires_grad_(), imgs, mask, 4, backend="triton")
+    torch.testing.assert_close(loss.double(), exact_loss, rtol=2e-5, atol=0)
+
+
 def test_kept_patches_are_not_read(device):
     """Patches with mask 0 contribute nothing and are never loaded: NaN there does not reach the loss."""
     pred, imgs, mask = _inputs(1, 3, 4, 2, 2, torch.float32, device)
@@ -157,7 +170,7 @@ def test_imgs_requiring_grad_go_to_the_reference(device):
     with pytest.raises(dispatch.BackendError, match="requires grad"):
         ops.masked_mse_loss(pred, imgs, mask, 4, backend="triton")
     with pytest.raises(RuntimeError, match="no gradient for imgs"):
-        torch.ops.mae_fast_triton.masked_mse_loss(pred, imgs, mask, 4, True, 1e-6)[0].backward()
+        torch.ops.mae_fast_triton.masked_mse_loss(pred, imgs, mask, 4, True, 1e-6, True)[0].backward()
 
 
 def test_float64_is_left_to_the_reference(device):
@@ -195,8 +208,10 @@ def test_bad_scalars_are_a_clear_error(device):
 def test_opcheck(device):
     pred, imgs, mask = _inputs(2, 3, 4, 2, 3, torch.float32, device)
     pred.requires_grad_()
-    torch.library.opcheck(torch.ops.mae_fast_triton.masked_mse_loss.default, (pred, imgs, mask, 4, True, 1e-6))
-    loss, residual, mask_sum = torch.ops.mae_fast_triton.masked_mse_loss(pred.detach(), imgs, mask, 4, False, 1e-6)
+    op = torch.ops.mae_fast_triton.masked_mse_loss.default
+    torch.library.opcheck(op, (pred, imgs, mask, 4, True, 1e-6, True))
+    torch.library.opcheck(op, (pred.detach(), imgs, mask, 4, True, 1e-6, False))
+    loss, residual, mask_sum = op(pred.detach(), imgs, mask, 4, False, 1e-6, True)
     grad_loss = torch.tensor(0.5, device=device)
     torch.library.opcheck(torch.ops.mae_fast_triton.masked_mse_loss_backward.default, (grad_loss, residual, mask_sum))
 
@@ -251,7 +266,7 @@ def _forward_signature(pred_type, imgs_type):
     signature["partial_ptr"] = "*fp32"
     signature.update(dict.fromkeys(ints, "i32"))
     signature["eps"] = "fp32"
-    constexprs = ["P", "C", "NORM_PIX", "BLOCK_M", "BLOCK_N", "ROUND_BF16", *UNIT_STRIDES]
+    constexprs = ["P", "C", "NORM_PIX", "BLOCK_M", "BLOCK_N", "STORE_RESIDUAL", "ROUND_BF16", *UNIT_STRIDES]
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     return signature
 
@@ -271,7 +286,7 @@ def _aot_jobs():
                 aot_job(
                     "_masked_mse_forward_kernel",
                     _forward_signature("*bf16", "*fp32"),
-                    constexprs | {"ROUND_BF16": False} | UNIT_STRIDES,
+                    constexprs | {"STORE_RESIDUAL": True, "ROUND_BF16": False} | UNIT_STRIDES,
                     arch,
                     num_warps,
                     f"p={patch}",
