@@ -2,10 +2,10 @@
 
 MAE's encoder sees 50 or 65 tokens and its decoder 197, far below the 128-token tiles of FlashAttention.
 The block sizes here follow the sequence: when the keys and values of a whole (sequence, head) fit one tile
-(N <= 256 for the usual head dims) each program makes a single pass over them, and the backward computes
-dq, dk and dv in ONE program per (sequence, head, key tile) without atomics. Longer sequences use the
-online-softmax loop over 64-token tiles and a separate dq kernel, still without atomics: every value is
-reduced by one program in a fixed order, so results are bitwise deterministic.
+(N <= 128 for head dims up to 64, and N <= 256 at d = 64 in the forward) each program makes a single pass
+over them, and the backward computes dq, dk and dv in ONE program per (sequence, head) without atomics.
+Longer sequences use the online-softmax loop over key tiles and a separate dq kernel, still without atomics:
+every value is reduced by one program in a fixed order, so results are bitwise deterministic.
 
 Every tensor is addressed through (batch, token, head) strides with a unit stride along the head dim, so
 q, k and v can be views of the qkv Linear output [B, N, 3, H, d] and the gradients can be written straight
@@ -21,9 +21,6 @@ import torch
 import triton
 import triton.language as tl
 from mae_fast.kernels._config import UPCAST_BF16
-
-_SINGLE_TILE_ELEMENTS = 256 * 64  # key tile [BLOCK_N, BLOCK_D] held by one program in the forward
-_SINGLE_TILE_ELEMENTS_BWD = 256 * 32  # dk and dv fp32 accumulators of that tile in the backward
 
 
 @triton.jit
@@ -115,7 +112,7 @@ def _attention_fwd_kernel(
     o_base = Out + b * stride_ob + start * stride_ot + h * stride_oh
     tl.store(
         o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
-        acc.to(Out.dtype.element_ty),
+        acc,
         mask=mask_m[:, None] & mask_d[None, :],
     )
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
@@ -236,13 +233,13 @@ def _attention_bwd_kv_kernel(
         dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
         if WRITE_DQ:
             dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * scale
-            tl.store(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_md)
+            tl.store(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq, mask=mask_md)
 
     dk = dk * scale
     dk_ptrs = DK + b * stride_dkb + (start + offs_n[:, None]) * stride_dkt + h * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + (start + offs_n[:, None]) * stride_dvt + h * stride_dvh + offs_d[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+    tl.store(dk_ptrs, dk, mask=mask_nd)
+    tl.store(dv_ptrs, dv, mask=mask_nd)
 
 
 @triton.jit
@@ -349,7 +346,7 @@ def _attention_bwd_q_kernel(
 
     dq = dq * scale
     dq_ptrs = DQ + b * stride_dqb + (start + offs_m[:, None]) * stride_dqt + h * stride_dqh + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_md)
+    tl.store(dq_ptrs, dq, mask=mask_md)
 
 
 # --- launch configuration ------------------------------------------------------------------------------
@@ -366,37 +363,64 @@ class ForwardConfig:
 
 @dataclass(frozen=True)
 class BackwardConfig:
+    """dk/dv kernel tiles; ``single_tile``: one key tile holds the whole sequence and the same program
+    writes dq, otherwise the dq kernel runs with its own tiles (q_block_m x q_block_n)."""
+
     block_m: int
     block_n: int
     block_d: int
-    single_tile: bool  # one key tile holds the whole sequence: dq comes from the dk/dv kernel
+    single_tile: bool
     num_warps: int
     num_stages: int
+    q_block_m: int = 32
+    q_block_n: int = 64
+    q_num_warps: int = 8
 
 
 def _pow2(value: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(value))
 
 
+# The tables below were chosen from ahead-of-time builds for sm_90 and sm_80 (tests/test_attention_aot.py):
+# every listed config compiles without register spills on both.
+
+
 def forward_config(max_seqlen: int, head_dim: int) -> ForwardConfig:
-    """Block sizes for the forward: one key tile per sequence when it fits (N <= 256 for d <= 64)."""
+    """Forward tiles: one key tile holds the whole sequence for N <= 128 (d <= 64), and for N <= 256 at
+    d = 64; otherwise the online-softmax loop runs over 64- or 128-token key tiles."""
     block_d = _pow2(head_dim)
     whole = _pow2(max_seqlen)
-    if whole * block_d <= _SINGLE_TILE_ELEMENTS:
-        block_n = whole
-        block_m = min(whole, 64)
-        return ForwardConfig(block_m, block_n, block_d, num_warps=4 if block_n <= 64 else 8, num_stages=1)
-    return ForwardConfig(64, 64, block_d, num_warps=4, num_stages=2)
+    if block_d <= 64:
+        if whole <= 64:
+            return ForwardConfig(min(whole, 64), whole, block_d, num_warps=4, num_stages=1)
+        if whole == 128 and block_d == 64:
+            return ForwardConfig(64, 128, block_d, num_warps=8, num_stages=2)
+        if whole == 256 and block_d == 64:
+            return ForwardConfig(32, 256, block_d, num_warps=8, num_stages=1)
+        if whole <= 256:
+            return ForwardConfig(64, 128, block_d, num_warps=4, num_stages=1)
+        return ForwardConfig(64, 64, block_d, num_warps=4, num_stages=2)
+    if whole <= 32:
+        return ForwardConfig(whole, whole, block_d, num_warps=4, num_stages=1)
+    return ForwardConfig(64, 64, block_d, num_warps=8, num_stages=2)
 
 
 def backward_config(max_seqlen: int, head_dim: int) -> BackwardConfig:
-    """Block sizes for the backward: one program per (sequence, head) computes dq, dk, dv when N is short."""
+    """Backward tiles: for N <= 128 (d <= 64) one program per (sequence, head) computes dq, dk and dv;
+    longer sequences and d > 64 run the dk/dv kernel over key tiles and a separate dq kernel."""
     block_d = _pow2(head_dim)
     whole = _pow2(max_seqlen)
-    if whole * block_d <= _SINGLE_TILE_ELEMENTS_BWD:
-        block_m = min(whole, 64 if whole <= 64 else 32)
-        return BackwardConfig(block_m, whole, block_d, True, num_warps=4 if whole <= 64 else 8, num_stages=1)
-    return BackwardConfig(64, 64, block_d, False, num_warps=4, num_stages=2)
+    if block_d <= 64:
+        if whole <= 32:
+            return BackwardConfig(16, whole, block_d, True, num_warps=4, num_stages=1)
+        if whole == 64:
+            return BackwardConfig(32, 64, block_d, True, num_warps=8, num_stages=1)
+        if whole == 128:
+            return BackwardConfig(16, 128, block_d, True, num_warps=8, num_stages=1)
+        if block_d <= 32:
+            return BackwardConfig(16, 64, block_d, False, num_warps=8, num_stages=2, q_block_m=64, q_num_warps=4)
+        return BackwardConfig(16, 32, block_d, False, num_warps=4, num_stages=2)
+    return BackwardConfig(16, 64, block_d, False, num_warps=8, num_stages=2)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -539,7 +563,8 @@ def attention_backward(
         **common,
     )
     if not cfg.single_tile:
-        grid = (triton.cdiv(max_seqlen, cfg.block_m), seqs * heads)
+        common.update(BLOCK_M=cfg.q_block_m, BLOCK_N=cfg.q_block_n, num_warps=cfg.q_num_warps, num_stages=1)
+        grid = (triton.cdiv(max_seqlen, cfg.q_block_m), seqs * heads)
         _attention_bwd_q_kernel[grid](
             q, k, v, out, do, lse, dq, cu, *operands, *_strides(dq, varlen), seqlen, heads, head_dim, scale, **common
         )

@@ -21,7 +21,7 @@ from mae_fast import dispatch, reference
 from mae_fast.ops import _validate
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_MAX_HEAD_DIM = 256
+TRITON_MAX_HEAD_DIM = 128
 
 
 def visible_attention(
