@@ -121,6 +121,11 @@ def test_encoder_only_vitmae_model():
 
 def test_refusals_name_the_problem():
     hf = ViTMAEForPreTraining(_config())
+    partial = {key: getattr(hf.config, key) for key in ("hidden_size", "intermediate_size", "image_size")}
+    partial.update(patch_size=PATCH, num_hidden_layers=2, num_attention_heads=2, decoder_hidden_size=16)
+    partial.update(decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=64)
+    model, _ = from_transformers(hf.state_dict(), config=partial)
+    assert model.norm.eps == 1e-12  # ViTMAEConfig's default fills what the dict lacks
     with pytest.raises(ValueError, match="config is required"):
         from_transformers(hf.state_dict())
     with pytest.raises(ValueError, match="hidden_act"):

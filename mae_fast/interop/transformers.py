@@ -116,10 +116,6 @@ def transformers_state_dict(model: MaskedAutoencoderViT, *, version: int = 5) ->
     return out
 
 
-def _config_value(config, name: str):
-    return config[name] if isinstance(config, dict) else getattr(config, name)
-
-
 def _as_pair(value, name: str) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
@@ -129,7 +125,11 @@ def _as_pair(value, name: str) -> tuple[int, int]:
 
 
 def _model_from_config(config, backend: str | None) -> tuple[MaskedAutoencoderViT, list[str]]:
-    get = lambda name: _config_value(config, name)  # noqa: E731
+    if isinstance(config, dict):  # missing fields take ViTMAEConfig's defaults, as transformers does
+        from transformers import ViTMAEConfig
+
+        config = ViTMAEConfig.from_dict(config)
+    get = lambda name: getattr(config, name)  # noqa: E731
     if get("hidden_act") != "gelu":
         raise ValueError(f"config.hidden_act={get('hidden_act')!r}: MAE blocks use exact GELU ('gelu')")
     if not get("qkv_bias"):
@@ -183,8 +183,9 @@ def from_transformers(
 
     ``hf_model_or_state_dict``: a ViTMAEForPreTraining / ViTMAEModel, its state_dict (4.x or 5.x names),
     a weights file (``.safetensors``, ``.bin``), or a ``save_pretrained`` directory (read offline).
-    ``config`` (a ViTMAEConfig or a dict of its fields) is taken from the model or directory when not given,
-    and is needed for a state_dict or file. Sizes, ``layer_norm_eps``, ``norm_pix_loss`` come from it.
+    ``config`` (a ViTMAEConfig, or a dict of its fields with its defaults for the rest) is taken from the
+    model or directory when not given, and is needed for a state_dict or file. Sizes, ``layer_norm_eps``
+    and ``norm_pix_loss`` come from it. The model is built in fp32 on the CPU (move it with ``.to()``).
     Returns ``(model, report)``: with the same images, mask ratio and ``noise`` both give the same loss,
     pred (transformers' logits) and mask.
     """
