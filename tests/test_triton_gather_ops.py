@@ -84,6 +84,22 @@ def test_patchify_gather_matches_reference(device, shape, dtype):
     assert torch.equal(grad_imgs, expected_grad)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 8, 8, 8), (2, 3, 28, 42, 14), (2, 3, 12, 20, 4)], ids=str)
+def test_patchify_and_unpatchify_on_every_patch(device, shape):
+    """The model's patchify / unpatchify methods on backend="triton": the same kernels, every patch kept."""
+    b, c, h, w, p = shape
+    imgs = torch.randn(b, c, h, w, device=device)
+    grad = torch.randn(b, (h // p) * (w // p), p * p * c, device=device)
+    patches, (grad_imgs,) = grads_of(lambda x: ops.patchify(x, p, backend="triton"), (imgs,), grad)
+    expected, (expected_grad,) = grads_of(lambda x: reference.patchify(x, p), (imgs,), grad)
+    assert torch.equal(patches, expected) and torch.equal(grad_imgs, expected_grad)
+    back, (grad_patches,) = grads_of(
+        lambda x: ops.unpatchify(x, p, (h // p, w // p), backend="triton"), (patches,), imgs
+    )
+    assert torch.equal(back, imgs)
+    assert torch.equal(grad_patches, expected)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "cropped", "int32_strided_ids"])
 def test_patchify_gather_non_contiguous(device, layout):
     b, c, h, w, p, k = 2, 3, 16, 24, 8, 4

@@ -136,3 +136,31 @@ def _triton_check(imgs, ids_keep, patch_size) -> str | None:
 @dispatch.register("patchify_gather", "triton", check=_triton_check)
 def _triton_patchify_gather(imgs, ids_keep, patch_size):
     return torch.ops.mae_fast_triton.patchify_gather(imgs, ids_keep, patch_size)
+
+
+def _every_patch(batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(num_patches, device=device).expand(batch, num_patches)
+
+
+def _triton_patchify_check(imgs, patch_size) -> str | None:
+    return dispatch.triton_unavailable(imgs)
+
+
+def _triton_unpatchify_check(x, patch_size, grid_size) -> str | None:
+    return dispatch.triton_unavailable(x)
+
+
+@dispatch.register("patchify", "triton", check=_triton_patchify_check)
+def _triton_patchify(imgs, patch_size):
+    """The gather kernel with every patch kept (differentiable through the same custom ops)."""
+    b, _, h, w = imgs.shape
+    ids = _every_patch(b, (h // patch_size) * (w // patch_size), imgs.device)
+    return torch.ops.mae_fast_triton.patchify_gather(imgs, ids, patch_size)
+
+
+@dispatch.register("unpatchify", "triton", check=_triton_unpatchify_check)
+def _triton_unpatchify(x, patch_size, grid_size):
+    """The scatter kernel with every patch present: the exact inverse of the triton patchify."""
+    gh, gw = grid_size
+    ids = _every_patch(x.shape[0], gh * gw, x.device)
+    return torch.ops.mae_fast_triton.patchify_scatter(x, ids, patch_size, gh * patch_size, gw * patch_size)
