@@ -31,7 +31,10 @@ def unpatchify(
 def patchify_gather(
     imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, backend: str | None = None
 ) -> torch.Tensor:
-    """Visible patches only: [B, C, H, W], ids_keep [B, K] -> [B, K, p*p*C] in (i, j, c) order."""
+    """Visible patches only: [B, C, H, W], ids_keep [B, K] -> [B, K, p*p*C] in (i, j, c) order, imgs' dtype.
+
+    ids_keep is int64 or int32 with distinct values per row (the Triton backend's backward relies on it).
+    """
     b, _, gh, gw = _validate.images(imgs, patch_size)
     _validate.indices(ids_keep, "ids_keep", b, gh * gw)
     _validate.same_device(imgs=imgs, ids_keep=ids_keep)

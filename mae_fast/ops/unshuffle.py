@@ -20,7 +20,8 @@ def unshuffle_mask_tokens(
 
     The K visible tokens are followed by L-K copies of mask_token ([1, 1, Dd] or [Dd]), put back into
     the original patch order with ids_restore [B, L], cls prepended and pos_embed ([L+1, Dd] or
-    [1, L+1, Dd], cls row first) added.
+    [1, L+1, Dd], cls row first) added. Each row of ids_restore is a permutation of 0..L-1 (what
+    random_masking returns; the Triton backend relies on it). The output has x's dtype.
     """
     _validate.tensor(x, "x", 3, _validate.FLOAT_DTYPES)
     b, k1, dim = x.shape
