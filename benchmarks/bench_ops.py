@@ -573,8 +573,7 @@ def run_case(
             result = _outputs_and_grads(case, provider.fn, inputs, grad_out, device)
         except Exception as error:  # report and go on: one broken provider must not stop the suite
             status = "skipped" if provider.may_refuse else "error"
-            message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            rows += [_row(case, provider.name, m, status, message[:300]) for m in case.modes]
+            rows += [_row(case, provider.name, m, status, _message(error)) for m in case.modes]
             continue
         verdict = harness.compare(result, exact, eager_result)
         check = dict(max_abs_err=verdict.max_abs_err, tolerance=verdict.tolerance)
@@ -582,12 +581,31 @@ def run_case(
             rows += [_row(case, provider.name, m, "mismatch", verdict.detail, **check) for m in case.modes]
             continue
         for mode in case.modes:
-            fn, resets = _timed_fn(case, provider.fn, sets, mode, grad_out, device)
-            timing = harness.measure(fn, device, resets, smoke, rep_ms)
+            try:
+                fn, resets = _timed_fn(case, provider.fn, sets, mode, grad_out, device)
+                timing = harness.measure(fn, device, resets, smoke, rep_ms)
+            except Exception as error:  # e.g. out of memory in one mode: record it, time the others
+                rows.append(_row(case, provider.name, mode, "error", _message(error), **check))
+                continue
             rows.append(_row(case, provider.name, mode, "ok", **check, **_rates(case, mode, timing, moved, ceilings)))
     add_speedups(rows)
     harness.synchronize(device)
     return rows
+
+
+def _message(error: Exception) -> str:
+    """First line of an exception, with its type, for a row's reason."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def failed_case_rows(case: Case, error: Exception) -> list[dict]:
+    """Rows for a case whose setup itself failed (e.g. out of memory in the float64 reference)."""
+    return [
+        _row(case, p.name, m, "error", f"case setup failed: {_message(error)}")
+        for p in case.providers
+        for m in case.modes
+    ]
 
 
 def _rates(case: Case, mode: str, timing: harness.Timing, moved: dict[str, int], ceilings: dict) -> dict:

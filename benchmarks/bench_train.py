@@ -81,6 +81,14 @@ def _row(name, batch, dtype, provider, status, reason=None, **extra) -> dict:
     return row
 
 
+def failed_rows(name: str, batch: int, device: torch.device, error: Exception) -> list[dict]:
+    """Rows for a model whose setup failed (e.g. out of memory building the float64 reference)."""
+    dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
+    text = str(error).strip()
+    reason = f"setup failed: {type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+    return [_row(name, batch, dtype, provider, "error", reason) for provider in PROVIDERS]
+
+
 def _time_steps(step, device: torch.device, warmup: int, steps: int) -> harness.Timing:
     for _ in range(warmup):
         step()
@@ -119,6 +127,8 @@ def run_model(
 ) -> list[dict]:
     """One row per provider for ``model`` = (mae_fast factory name, config overrides) at ``batch`` images."""
     dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
+    if budget.exhausted():
+        return [_row(name, batch, dtype, provider, "skipped", "time budget exhausted") for provider in PROVIDERS]
     torch.manual_seed(0)
     base = create_model(model[0], **model[1], norm_pix_loss=True, backend="auto").to(device)
     flops = model_train_flops_per_image(base, MASK_RATIO) * batch
@@ -153,8 +163,9 @@ def run_model(
                 _run_provider(name, provider, base, imgs, noise, exact, eager, flops, ceilings, device, dtype, steps)
             )
         except Exception as error:  # one failing provider (e.g. a compile error) must not stop the suite
-            message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            rows.append(_row(name, batch, dtype, provider, "error", message[:300]))
+            text = str(error).strip()
+            message = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+            rows.append(_row(name, batch, dtype, provider, "error", message))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

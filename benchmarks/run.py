@@ -32,6 +32,11 @@ def _finite(value):
     return value
 
 
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class Results:
     """The results document, rewritten to disk after every case."""
 
@@ -109,13 +114,22 @@ def run(args: argparse.Namespace) -> int:
             if any(p.compiled for p in case.providers) and not budget.exhausted():
                 torch._dynamo.reset()
             print(f"[{budget.elapsed():6.1f}s] {section}: {case.op} {case.label} {case.shape}", flush=True)
-            results.add(section, bench_ops.run_case(case, device, ceilings, budget, smoke, args.rep_ms))
+            try:
+                rows = bench_ops.run_case(case, device, ceilings, budget, smoke, args.rep_ms)
+            except Exception as error:  # a case that cannot even be set up is recorded; the others still run
+                rows = bench_ops.failed_case_rows(case, error)
+                _release(device)
+            results.add(section, rows)
 
     def train(name: str) -> None:
         print(f"[{budget.elapsed():6.1f}s] train: {name} batch {batch}", flush=True)
-        rows = bench_train.run_model(
-            name, train_models[name], batch, device, ceilings, budget, smoke, with_compile, args.compile, steps
-        )
+        try:
+            rows = bench_train.run_model(
+                name, train_models[name], batch, device, ceilings, budget, smoke, with_compile, args.compile, steps
+            )
+        except Exception as error:  # e.g. out of memory in the float64 check: recorded, the suite goes on
+            rows = bench_train.failed_rows(name, batch, device, error)
+            _release(device)
         results.add("train", rows)
 
     done: dict[str, set] = {"kernels": set(), "sweep": set()}

@@ -88,6 +88,38 @@ def test_compare_gate_accepts_the_reference_and_rejects_wrong_outputs():
     assert "missing" in harness.compare([None], [exact], [eager]).detail
 
 
+def test_run_case_times_only_providers_that_pass_the_gate():
+    device = torch.device("cpu")
+    case = next(
+        c
+        for c in bench_ops.build_cases(bench_ops.SMOKE_SHAPES, 2, device, smoke=True, with_compile=False)
+        if c.op == "unshuffle_mask_tokens"
+    )
+
+    def broken(*inputs):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    case.providers = [
+        case.providers[0],
+        bench_ops.Provider("wrong", lambda x, *rest: case.providers[0].fn(x, *rest) * 1.01),
+        bench_ops.Provider("wrong_grad", lambda x, *rest: case.providers[0].fn(x.detach(), *rest) + 0 * x.sum()),
+        bench_ops.Provider("broken", broken),
+        bench_ops.Provider("refuses", broken, may_refuse=True),
+        bench_ops.Provider("absent", broken, unavailable=lambda *inputs: "not built here"),
+    ]
+    ceilings = harness.measure_ceilings(device, smoke=True)
+    rows = bench_ops.run_case(case, device, ceilings, harness.Budget(None), smoke=True)
+    status = {(r["provider"], r["mode"]): (r["status"], r["reason"]) for r in rows}
+    assert {status[("reference", m)][0] for m in bench_ops.MODES} == {"ok"}
+    assert status[("wrong", "fwd")][0] == "mismatch" and "output 0" in status[("wrong", "fwd")][1]
+    assert status[("wrong_grad", "bwd")][0] == "mismatch" and "output 1" in status[("wrong_grad", "bwd")][1]
+    assert status[("broken", "fwd")] == ("error", "RuntimeError: kernel exploded")
+    assert status[("refuses", "fwd")] == ("skipped", "RuntimeError: kernel exploded")
+    assert status[("absent", "bwd")] == ("skipped", "not built here")
+    assert all(r["median_ms"] is None for r in rows if r["provider"] != "reference")
+    assert all(r["speedup"] == {} for r in rows)
+
+
 @pytest.mark.parametrize(("batch", "seq"), [(256, 50), (7, 3), (1, 197)])
 def test_varlen_lengths_keep_the_total_and_the_range(batch, seq):
     lengths = bench_ops.varlen_lengths(batch, seq, torch.Generator().manual_seed(0))
