@@ -172,6 +172,11 @@ def test_transformers_vit_classifier_patched_and_dropout_refused():
     dropped = transformers.ViTMAEForPreTraining(_vitmae_config(attention_probs_dropout_prob=0.1))
     report = mae_fast.patch(dropped)
     assert not report.replaced and len(report.skipped) == 3 and "attention dropout p=0.1" in str(report)
+    older = transformers.ViTMAEForPreTraining(_vitmae_config())
+    del older.vit.layers[0].attention.q_proj  # what a 4.x-style module (query/key/value) lacks
+    report = mae_fast.patch(older)
+    assert report.skipped[0][0] == "vit.layers.0.attention" and "5.x layout" in report.skipped[0][2]
+    assert len(report.replaced) == 2
 
 
 @pytest.mark.gpu

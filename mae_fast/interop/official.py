@@ -137,8 +137,8 @@ def from_official(
 
     ``model``: a MaskedAutoencoderViT to load into, a config name, or None to infer the config from the
     weights (named configs first). ``model_kwargs`` go to the constructor (``norm_pix_loss``, ``backend``,
-    ``num_heads`` for configs that are not named). Returns ``(model, report)``; the weights keep their dtype
-    in the checkpoint and are copied into the model's parameters (the model's dtype and device).
+    ``num_heads`` for configs that are not named). Returns ``(model, report)``; the weights are copied into
+    the model's parameters, keeping its dtype and device (a model built here is fp32 on the CPU).
     Files are read with ``torch.load(weights_only=True)``. With ``strict`` (the default), missing encoder
     keys, a partial decoder and unknown keys raise ValueError; a fine-tuning head is skipped and reported.
     """

@@ -114,6 +114,8 @@ def _timm_attention(module: nn.Module, backend: str | None) -> tuple[nn.Module |
 
 
 def _transformers_attention(module: nn.Module, backend: str | None) -> tuple[nn.Module | None, str]:
+    if not all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "attention_dropout")):
+        return None, "not the transformers 5.x layout (q_proj, k_proj, v_proj, o_proj)"
     if module.attention_dropout > 0:
         return None, f"attention dropout p={module.attention_dropout}"
     return TransformersAttention(module, backend), "mae_fast.interop.patching.TransformersAttention"

@@ -131,7 +131,7 @@ def from_timm(
     model has no final ``norm``: its ``fc_norm`` is used as the encoder's norm only if ``fc_norm_as_norm``
     (its features then differ from timm's, which normalise after pooling). Anything else that an MAE
     encoder cannot reproduce (register tokens, layer scale, qk_norm, pre-norm) raises ValueError.
-    Returns ``(model, report)``.
+    Returns ``(model, report)``; a model built here is fp32 on the CPU (move it with ``.to()``).
     """
     source = "timm VisionTransformer"
     if isinstance(timm_vit_or_state_dict, nn.Module):
