@@ -173,9 +173,13 @@ def test_imgs_requiring_grad_go_to_the_reference(device):
         torch.ops.mae_fast_triton.masked_mse_loss(pred, imgs, mask, 4, True, 1e-6, True)[0].backward()
 
 
-def test_float64_is_left_to_the_reference(device):
+def test_float64_and_huge_patches_are_left_to_the_reference(device):
     pred, imgs, mask = _inputs(1, 1, 4, 1, 2, torch.float64, device)
     assert "float64" in dispatch.explain("masked_mse_loss", pred, imgs, mask, 4, True, 1e-6)["triton"]
+    p = 53  # 53 * 53 * 3 values: more than one program holds
+    pred, imgs, mask = _inputs(1, 3, p, 1, 1, torch.float32, device)
+    assert pred.shape[-1] > masked_mse.MAX_PATCH_VALUES
+    assert "exceed" in dispatch.explain("masked_mse_loss", pred, imgs, mask, p, True, 1e-6)["triton"]
 
 
 @pytest.mark.parametrize(
