@@ -22,8 +22,8 @@ def random_masking(
     noise [B, L] (uniform [0, 1) drawn with ``generator`` when None) fixes the choice. Returns
     ids_keep [B, K] int64 (in ascending noise order, as the release), ids_restore [B, L] int64 and
     mask [B, L] float32 (1 = removed). Ties in noise go to the lower patch index. NaN noise is
-    rejected where that needs no device sync (CPU tensors, or MAE_FAST_CHECK_INDICES=1); elsewhere NaN
-    sorts above every number, as in torch.sort.
+    rejected where that needs no device sync (CPU tensors, or MAE_FAST_CHECK_INDICES=1); elsewhere the
+    reference and Triton backends sort NaN above every number, as torch.sort does.
     """
     _validate.positive_int(batch_size, "batch_size")
     _validate.positive_int(num_patches, "num_patches")
