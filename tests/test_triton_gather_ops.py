@@ -280,6 +280,20 @@ def test_unshuffle_mask_tokens_non_contiguous(device):
     _check_unshuffle((x, mask_token, ids_restore, pos), torch.float32)
 
 
+def test_int32_ids_give_the_same_results(device):
+    imgs, ids, weight, bias, pos = _embed_inputs(device, (2, 3, 16, 24, 8, 24, 4), torch.float32)
+    embed = [ops.patch_embed_gather(imgs, i, weight, bias, pos, backend="triton") for i in (ids, ids.int())]
+    assert torch.equal(*embed)
+    x, mask_token, ids_restore, dpos = _unshuffle_inputs(device, (2, 11, 4, 24), torch.float32)
+    grad = torch.randn(2, 12, 24, device=device)
+    results = [
+        grads_of(lambda *a: ops.unshuffle_mask_tokens(*a, backend="triton"), (x, mask_token, i, dpos), grad)
+        for i in (ids_restore, ids_restore.int())
+    ]
+    (out64, grads64), (out32, grads32) = results
+    assert torch.equal(out64, out32) and torch.equal(grads64[0], grads32[0]) and torch.equal(grads64[1], grads32[1])
+
+
 def test_unshuffle_mask_token_grad_is_deterministic(device):
     _, ids_restore, _ = reference.random_masking(torch.rand(6, 30, device=device), 7)
     grad = torch.randn(6, 31, 40, device=device)
