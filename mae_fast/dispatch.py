@@ -84,25 +84,29 @@ def ops() -> list[str]:
     return sorted(_registry)
 
 
+def _reason(op: str, backend: str, args, kwargs) -> str | None:
+    impl = _implementations(op).get(backend)
+    return "not implemented for this op" if impl is None else impl.check(*args, **kwargs)
+
+
 def explain(op: str, *args, **kwargs) -> dict[str, str | None]:
     """For each backend: ``None`` if it can run these inputs, else the reason it cannot."""
-    impls = _implementations(op)
-    reasons = {}
-    for backend in AUTO_ORDER:
-        impl = impls.get(backend)
-        reasons[backend] = "not implemented for this op" if impl is None else impl.check(*args, **kwargs)
-    return reasons
+    return {backend: _reason(op, backend, args, kwargs) for backend in AUTO_ORDER}
 
 
 def resolve(op: str, backend: str | None, *args, **kwargs) -> str:
-    """The backend that will run ``op`` on these inputs, or BackendError with every reason."""
+    """The backend that will run ``op`` on these inputs, or BackendError with every reason.
+
+    Only the candidates are checked: a named backend never depends on the others' availability.
+    """
     wanted = validate_backend(backend) or _global_backend
-    reasons = explain(op, *args, **kwargs)
     candidates = AUTO_ORDER if wanted == "auto" else (wanted,)
+    reasons = {}
     for name in candidates:
+        reasons[name] = _reason(op, name, args, kwargs)
         if reasons[name] is None:
             return name
-    detail = "; ".join(f"{name}: {reasons[name]}" for name in candidates)
+    detail = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
     raise BackendError(f"{op}: no usable backend for backend={wanted!r} ({detail})")
 
 
