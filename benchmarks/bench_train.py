@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import gc
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -34,6 +35,7 @@ SMOKE_MODELS = {
 }
 PROVIDERS = ("reference_eager", "reference_compiled", "mae_fast", "mae_fast_compiled")
 MASK_RATIO = 0.75
+COMPILE_MIN_BUDGET_S = 150  # a compiled ViT-L step takes a minute or two to compile; do not start one later
 
 
 def _autocast(device: torch.device):
@@ -124,8 +126,13 @@ def run_model(
     with_compile: bool = True,
     compile_in_smoke: bool = False,
     steps: int = 10,
+    emit: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """One row per provider for ``model`` = (mae_fast factory name, config overrides) at ``batch`` images."""
+    """One row per provider for ``model`` = (mae_fast factory name, config overrides) at ``batch`` images.
+
+    ``emit`` receives each row as soon as it is measured (so a run cut short keeps it); the speedups
+    are filled into the same row objects at the end.
+    """
     dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
     if budget.exhausted():
         return [_row(name, batch, dtype, provider, "skipped", "time budget exhausted") for provider in PROVIDERS]
@@ -151,21 +158,32 @@ def run_model(
             reason = (
                 "torch.compile providers are skipped in --smoke (minutes of compile time on a CPU); --compile adds them"
             )
+        elif compiled and budget.remaining() < COMPILE_MIN_BUDGET_S:
+            reason = f"less than {COMPILE_MIN_BUDGET_S} s of the time budget left: not enough to compile the model"
         else:
             reason = None
         if reason is not None:
-            rows.append(_row(name, batch, dtype, provider, "skipped", reason))
-            continue
-        if compiled:
-            torch._dynamo.reset()
-        try:
-            rows.append(
-                _run_provider(name, provider, base, imgs, noise, exact, eager, flops, ceilings, device, dtype, steps)
-            )
-        except Exception as error:  # one failing provider (e.g. a compile error) must not stop the suite
-            text = str(error).strip()
-            message = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-            rows.append(_row(name, batch, dtype, provider, "error", message))
+            row = _row(name, batch, dtype, provider, "skipped", reason)
+        else:
+            if compiled:
+                torch._dynamo.reset()
+            try:
+                row = _run_provider(
+                    name, provider, base, imgs, noise, exact, eager, flops, ceilings, device, dtype, steps
+                )
+            except Exception as error:  # one failing provider (e.g. a compile error) must not stop the suite
+                text = str(error).strip()
+                row = _row(
+                    name,
+                    batch,
+                    dtype,
+                    provider,
+                    "error",
+                    f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300],
+                )
+        rows.append(row)
+        if emit is not None:
+            emit(row)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -47,6 +47,9 @@ class Budget:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
+    def remaining(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - self.elapsed()
+
     def exhausted(self) -> bool:
         return self.seconds is not None and self.elapsed() >= self.seconds
 
@@ -219,7 +222,7 @@ def environment(device: torch.device, smoke: bool) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = _git("rev-parse", "HEAD")
+    commit = os.environ.get("MAE_FAST_GIT_COMMIT") or _git("rev-parse", "HEAD")  # a copy without .git sets it
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {

@@ -124,13 +124,23 @@ def run(args: argparse.Namespace) -> int:
     def train(name: str) -> None:
         print(f"[{budget.elapsed():6.1f}s] train: {name} batch {batch}", flush=True)
         try:
-            rows = bench_train.run_model(
-                name, train_models[name], batch, device, ceilings, budget, smoke, with_compile, args.compile, steps
+            bench_train.run_model(
+                name,
+                train_models[name],
+                batch,
+                device,
+                ceilings,
+                budget,
+                smoke,
+                with_compile,
+                args.compile,
+                steps,
+                emit=lambda row: results.add("train", [row]),
             )
         except Exception as error:  # e.g. out of memory in the float64 check: recorded, the suite goes on
-            rows = bench_train.failed_rows(name, batch, device, error)
+            results.add("train", bench_train.failed_rows(name, batch, device, error))
             _release(device)
-        results.add("train", rows)
+        results.save()  # the speedups were filled in after the rows were first written
 
     done: dict[str, set] = {"kernels": set(), "sweep": set()}
     first, rest = dict(list(shapes.items())[:1]), dict(list(shapes.items())[1:])
