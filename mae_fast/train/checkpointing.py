@@ -1,0 +1,127 @@
+"""Training checkpoints: written atomically, the newest N kept, holding everything an exact resume needs.
+
+A checkpoint is a dict with ``model`` (the release's state_dict, so :func:`mae_fast.models.load_checkpoint`
+reads it), ``optimizer``, ``scheduler``, ``step`` (optimizer steps done), ``epoch`` and ``micro_batch``
+(the data position: epoch and micro-batches consumed in it), ``rng`` (python, numpy, torch CPU and CUDA
+states of every rank), ``metrics`` (losses so far) and ``config``.
+
+Writing: temporary file in the same folder, flush + fsync, ``os.replace`` onto the final name, fsync of
+the folder. A crash at any point (even kill -9) leaves either the old set of checkpoints or the old set
+plus a complete new one; stray ``*.tmp`` files are ignored and cleaned up by the next save.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})\.pt$")
+
+
+def checkpoint_path(folder: str, step: int) -> str:
+    return os.path.join(folder, f"checkpoint-{step:08d}.pt")
+
+
+def list_checkpoints(folder: str) -> list[str]:
+    """Complete checkpoints in ``folder``, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    names = sorted(name for name in os.listdir(folder) if CHECKPOINT_PATTERN.match(name))
+    return [os.path.join(folder, name) for name in names]
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save ``obj`` to ``path`` so that ``path`` is never seen half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def save_checkpoint(state: dict, folder: str, keep_last: int) -> str:
+    """Atomically write ``state`` as checkpoint-<step>.pt, then delete all but the newest ``keep_last``
+    checkpoints and any stray temporary files. Returns the path written."""
+    path = checkpoint_path(folder, int(state["step"]))
+    atomic_save(state, path)
+    for old in list_checkpoints(folder)[:-keep_last]:
+        os.remove(old)
+    for stray in glob.glob(os.path.join(folder, "checkpoint-*.pt.*.tmp")):
+        os.remove(stray)
+    return path
+
+
+def load_training_checkpoint(path: str) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only``: it cannot run code)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"model", "optimizer", "scheduler", "step", "epoch", "micro_batch"} - set(state)
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint (lacks {', '.join(sorted(missing))})")
+    return state
+
+
+def resolve_resume(resume: str | None, folder: str) -> str | None:
+    """The checkpoint to resume from: a path, or for "auto" the newest in ``folder`` (None if empty)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(folder)
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f"resume: checkpoint not found: {resume}")
+    return resume
+
+
+def rng_state() -> dict:
+    """This process's python, numpy, torch CPU and (when present) CUDA generator states."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    """True when every parameter and buffer of ``module`` is finite (one host sync)."""
+    flags = [
+        torch.isfinite(t).all() for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()
+    ]
+    return bool(torch.stack(flags).all()) if flags else True

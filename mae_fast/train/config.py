@@ -1,0 +1,159 @@
+"""TrainConfig: every knob of a pretraining run, validated up front with errors that name the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+DATA_SOURCES = ("fashion-mnist", "synthetic", "imagefolder")
+PRECISIONS = ("auto", "bf16", "fp32")
+NONFINITE_POLICIES = ("stop", "skip")
+SHARDINGS = ("ddp", "fsdp")
+FEATURE_POOLS = ("mean", "cls")
+
+
+@dataclass
+class TrainConfig:
+    """A pretraining run. ``batch_size`` is the GLOBAL batch per optimizer step (all ranks, all
+    accumulation steps); each rank runs micro-batches of batch_size / (world_size * accum_steps).
+
+    The learning rate is ``lr`` when given, else ``blr * batch_size / 256`` (the paper's rule), warmed up
+    linearly per iteration for ``warmup_epochs`` and then decayed with a half cycle of cosine to ``min_lr``
+    over ``epochs``. ``max_steps`` stops the run early (with a checkpoint) without changing the schedule.
+    """
+
+    # model
+    model: str = "mae_vit_tiny_patch4_32"
+    model_kwargs: dict = field(default_factory=dict)
+    img_size: int | None = None  # None: 28 for fashion-mnist, else the model's own
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    backend: str = "auto"
+    # data
+    data: str = "fashion-mnist"
+    data_path: str | None = None
+    num_workers: int = 2
+    # optimisation
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_epochs: float = 0.0
+    batch_size: int = 64
+    accum_steps: int = 1
+    blr: float = 1.5e-4
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = None
+    precision: str = "auto"
+    compile: bool = False
+    nonfinite: str = "stop"
+    sharding: str = "ddp"
+    seed: int = 0
+    device: str = "auto"
+    # output
+    output_dir: str = "runs/mae"
+    log_every: int = 20
+    ckpt_every: int = 0  # steps; 0: at the end only (and on SIGTERM/SIGINT)
+    keep_last: int = 3
+    resume: str | None = None  # a checkpoint path, or "auto": the newest in output_dir
+    visualize: bool = True
+    num_vis: int = 8
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError naming the first bad field; returns self."""
+        from mae_fast.models import list_models
+
+        if self.model not in list_models():
+            raise ValueError(f"model: unknown model {self.model!r}; known models: {', '.join(list_models())}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
+        if self.data not in DATA_SOURCES:
+            raise ValueError(f"data must be one of {DATA_SOURCES}, got {self.data!r}")
+        if self.data == "imagefolder":
+            if not self.data_path:
+                raise ValueError("data_path is required with data='imagefolder' (a folder of class sub-folders)")
+            if not os.path.isdir(self.data_path):
+                raise ValueError(f"data_path: folder not found: {self.data_path}")
+        if not isinstance(self.mask_ratio, (int, float)) or not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        for name in ("epochs", "batch_size", "accum_steps", "log_every", "keep_last", "num_vis"):
+            _positive_int(getattr(self, name), name)
+        for name in ("num_workers", "ckpt_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.max_steps is not None:
+            _positive_int(self.max_steps, "max_steps")
+        if self.img_size is not None:
+            _positive_int(self.img_size, "img_size")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps} "
+                "(batch_size is the global batch per optimizer step)"
+            )
+        for name in ("blr", "min_lr", "weight_decay", "warmup_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if self.lr is not None and (not isinstance(self.lr, (int, float)) or self.lr <= 0):
+            raise ValueError(f"lr must be a positive number or None, got {self.lr!r}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad!r}")
+        for name, choices in (
+            ("precision", PRECISIONS),
+            ("nonfinite", NONFINITE_POLICIES),
+            ("sharding", SHARDINGS),
+            ("backend", ("auto", "reference", "triton", "cuda")),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device='cuda' but no CUDA GPU is visible")
+        return self
+
+    def micro_batch(self, world_size: int) -> int:
+        """Images per rank per forward pass; raises ValueError when the global batch does not split."""
+        per_step = self.batch_size // self.accum_steps
+        if per_step % world_size:
+            raise ValueError(f"batch_size / accum_steps = {per_step} must be divisible by the world size {world_size}")
+        return per_step // world_size
+
+    def base_lr(self) -> float:
+        """The peak learning rate: ``lr`` or ``blr * batch_size / 256``."""
+        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        values = dict(values)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value

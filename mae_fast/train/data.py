@@ -1,0 +1,339 @@
+"""Training data: the embedded Fashion-MNIST subset, ImageNet-layout folders and synthetic batches.
+
+Every random choice of a sample (crop, flip and its MAE mask noise) is drawn from a generator seeded by
+(seed, epoch, index), so a batch depends only on its position in the run: not on the number of
+DataLoader workers, not on the rank that loads it, not on whether the run was resumed. That is what
+makes ``--resume`` exact mid-epoch and a 2-rank run equal to a 1-rank run on the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+FASHION_MNIST_FILE = os.path.join(DATA_DIR, "fashion_mnist_subset.npz")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Mean and std of the embedded Fashion-MNIST training subset, pixel values in [0, 1].
+FASHION_MNIST_MEAN = (0.2867,)
+FASHION_MNIST_STD = (0.3540,)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch (splitmix64 of the three numbers)."""
+    x = (seed * 1_000_003 + epoch) * 2_147_483_647 + index
+    x = (x + _SEED_MIX) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+# --- sources: uint8 images [C, H, W] with a label --------------------------------------------------------
+
+
+class FashionMNISTSubset(Dataset):
+    """The embedded Fashion-MNIST subset (MIT, (c) Zalando SE): 10,000 train / 2,000 test images,
+    28x28 greyscale. Items are (uint8 tensor [1, 28, 28], int label)."""
+
+    def __init__(self, split: str = "train", path: str = FASHION_MNIST_FILE):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"the embedded data file is missing: {path} (reinstall mae_fast)")
+        with np.load(path, allow_pickle=False) as archive:
+            self.images = torch.from_numpy(archive[f"{split}_images"].copy()).unsqueeze(1)
+            self.labels = torch.from_numpy(archive[f"{split}_labels"].astype(np.int64))
+            self.classes = [str(c) for c in archive["classes"]]
+        self.in_chans = 1
+        self.mean, self.std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int, str | None]:
+        return self.images[index], int(self.labels[index]), None
+
+
+class ImageFolderSource(Dataset):
+    """An ImageNet-layout folder: ``root/<class>/<image>``; classes are the sorted sub-folder names.
+
+    Images are decoded with Pillow and converted to RGB. An image that cannot be read is reported by
+    :meth:`load` (its path and the error) and replaced by the next readable one, so an epoch never stops
+    and every batch keeps its size; the training loop warns once per path and counts them.
+    """
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise ValueError(f"data_path: folder not found: {root}")
+        self.root = root
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.classes:
+            raise ValueError(f"data_path: {root} has no class sub-folders (expected root/<class>/<image>)")
+        self.samples: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+                for filename in sorted(filenames):
+                    if filename.lower().endswith(IMAGE_EXTENSIONS):
+                        self.samples.append((os.path.join(dirpath, filename), label))
+        if not self.samples:
+            raise ValueError(f"data_path: no images with extensions {IMAGE_EXTENSIONS} under {root}")
+        self.in_chans = 3
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _decode(self, path: str) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int, str | None]:
+        """(uint8 [3, H, W], label, None), or the next readable image with a report of the bad one."""
+        failures = []
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return self._decode(path), label, "; ".join(failures) or None
+            except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable image"
+                failures.append(f"{path}: {type(error).__name__}: {error}")
+        raise RuntimeError(f"no readable image under {self.root}: {'; '.join(failures[:3])}")
+
+
+# --- augmentation --------------------------------------------------------------------------------------
+
+
+def random_resized_crop_box(
+    height: int, width: int, generator: torch.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) as torchvision's RandomResizedCrop draws them, from ``generator``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u[2] * (height - h + 1)), height - h)
+            left = min(int(u[3] * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
+    """float [C, h, w] in [0, 1] -> [C, size, size], bicubic with antialiasing, clamped to [0, 1]."""
+    if img.shape[-2:] == (size, size):
+        return img
+    out = F.interpolate(img[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
+    return out.clamp_(0.0, 1.0)
+
+
+def center_crop_box(height: int, width: int, crop_fraction: float) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the centred square covering ``crop_fraction`` of the shorter side."""
+    side = max(1, int(round(min(height, width) * crop_fraction)))
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class MAEDataset(Dataset):
+    """Wraps a source into model inputs. Indexed by (epoch, index) pairs from :class:`ResumableSampler`.
+
+    Items are dicts: ``imgs`` float32 [C, S, S] (normalised), ``noise`` float32 [num_patches] (the MAE
+    mask noise of this sample, uniform [0, 1)), ``label`` int64 and ``bad`` (reports of unreadable files
+    replaced by this item, or "").
+    ``train=True``: RandomResizedCrop(S, scale (0.2, 1), bicubic) + horizontal flip; else a centre crop
+    (all of a square image) resized to S.
+    """
+
+    def __init__(self, source, img_size: int, num_patches: int, seed: int, train: bool = True):
+        self.source = source
+        self.img_size = img_size
+        self.num_patches = num_patches
+        self.seed = seed
+        self.train = train
+        self.mean = torch.tensor(source.mean).view(-1, 1, 1)
+        self.std = torch.tensor(source.std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        raw, label, bad = self.source.load(index)
+        _, height, width = raw.shape
+        if self.train:
+            top, left, h, w = random_resized_crop_box(height, width, generator)
+        else:
+            top, left, h, w = center_crop_box(height, width, 1.0 if height == width else 0.875)
+        img = _resize(raw[:, top : top + h, left : left + w].float().div_(255.0), self.img_size)
+        if self.train and bool(torch.rand((), generator=generator) < 0.5):
+            img = img.flip(-1)
+        noise = torch.rand(self.num_patches, generator=generator)
+        return {"imgs": (img - self.mean) / self.std, "noise": noise, "label": label, "bad": bad or ""}
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "imgs": torch.stack([item["imgs"] for item in items]),
+        "noise": torch.stack([item["noise"] for item in items]),
+        "label": torch.tensor([item["label"] for item in items], dtype=torch.int64),
+        "bad": [item["bad"] for item in items if item["bad"]],
+    }
+
+
+class ResumableSampler(DistributedSampler):
+    """torch's DistributedSampler (shuffled per epoch, ``drop_last``) that yields (epoch, index) pairs
+    and can start part-way into an epoch: ``set_position(epoch, skip)`` skips this rank's first ``skip``
+    samples. Rank r takes every world-th index of the epoch's permutation, so the union of the ranks'
+    i-th micro-batches is the i-th micro-batch of a 1-rank run with world times the batch."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip :]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+@dataclass
+class TrainData:
+    """What the loop needs: the loader (or synthetic generator), its sampler and the epoch length."""
+
+    loader: object
+    sampler: ResumableSampler | None
+    steps_per_epoch: int
+    in_chans: int
+    img_size: int
+    source: object | None
+
+    def start(self, epoch: int, micro_batches_done: int, micro_batch: int) -> Iterator[dict]:
+        """An iterator over the rest of ``epoch``, after ``micro_batches_done`` micro-batches."""
+        if self.sampler is None:
+            return self.loader.iterate(epoch, micro_batches_done)
+        self.sampler.set_position(epoch, micro_batches_done * micro_batch)
+        return iter(self.loader)
+
+
+class SyntheticBatches:
+    """Random images made on the device, one seeded generator per (epoch, micro-batch, rank): for
+    throughput runs, where host-side data loading must not be the bottleneck."""
+
+    def __init__(self, micro_batch, in_chans, img_size, num_patches, per_epoch, seed, rank, device):
+        self.shape = (micro_batch, in_chans, img_size, img_size)
+        self.num_patches = num_patches
+        self.per_epoch = per_epoch
+        self.seed, self.rank, self.device = seed, rank, torch.device(device)
+
+    def iterate(self, epoch: int, start: int) -> Iterator[dict]:
+        generator = torch.Generator(device=self.device)
+        for i in range(start, self.per_epoch):
+            generator.manual_seed(sample_seed(self.seed, epoch, i * 65_536 + self.rank))
+            imgs = torch.randn(self.shape, generator=generator, device=self.device)
+            noise = torch.rand(self.shape[0], self.num_patches, generator=generator, device=self.device)
+            yield {"imgs": imgs, "noise": noise, "label": None, "bad": []}
+
+
+def build_source(config, split: str = "train"):
+    """The labelled source of ``config.data`` (``fashion-mnist`` or ``imagefolder``)."""
+    if config.data == "fashion-mnist":
+        return FashionMNISTSubset(split)
+    if config.data == "imagefolder":
+        root = config.data_path
+        if split != "train":
+            for name in (split, "val"):
+                if os.path.isdir(os.path.join(config.data_path, name)):
+                    root = os.path.join(config.data_path, name)
+                    break
+        elif os.path.isdir(os.path.join(config.data_path, "train")):
+            root = os.path.join(config.data_path, "train")
+        return ImageFolderSource(root)
+    raise ValueError(f"data={config.data!r} has no labelled source")
+
+
+def default_img_size(config, model_img_size: int) -> int:
+    if config.img_size is not None:
+        return config.img_size
+    return 28 if config.data == "fashion-mnist" else model_img_size
+
+
+def build_train_data(config, img_size: int, num_patches: int, world_size: int, rank: int, device) -> TrainData:
+    """The training stream of ``config`` for this rank (micro-batches of config.micro_batch(world_size))."""
+    micro_batch = config.micro_batch(world_size)
+    if config.data == "synthetic":
+        per_epoch = max(1, 10_000 // (micro_batch * world_size))
+        steps = per_epoch // config.accum_steps
+        if steps < 1:
+            raise ValueError("synthetic data: batch_size too large for a 10,000-image epoch")
+        batches = SyntheticBatches(micro_batch, 3, img_size, num_patches, per_epoch, config.seed, rank, device)
+        return TrainData(batches, None, steps, 3, img_size, None)
+    source = build_source(config, "train")
+    dataset = MAEDataset(source, img_size, num_patches, config.seed, train=True)
+    sampler = ResumableSampler(dataset, world_size, rank, config.seed)
+    steps = sampler.num_samples // micro_batch // config.accum_steps
+    if steps < 1:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(dataset)} images of the training set")
+    workers = config.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.device(device).type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    return TrainData(loader, sampler, steps, source.in_chans, img_size, source)
+
+
+def report_bad(paths: list[str], seen: set[str]) -> int:
+    """Warn once per unreadable file; returns how many reports ``paths`` holds."""
+    count = 0
+    for report in paths:
+        for entry in report.split("; "):
+            count += 1
+            if entry not in seen:
+                seen.add(entry)
+                warnings.warn(f"skipped unreadable image {entry}", RuntimeWarning, stacklevel=2)
+    return count
+
+
+def eval_batches(source, img_size: int, batch_size: int, limit: int | None = None) -> Iterator[tuple]:
+    """(imgs float32 [B, C, S, S] normalised, labels int64 [B]) over ``source`` without augmentation."""
+    dataset = MAEDataset(source, img_size, 1, seed=0, train=False)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        batch = collate(items)
+        yield batch["imgs"], batch["label"]

@@ -1,0 +1,113 @@
+"""torchrun support: process group set-up (NCCL on GPUs, gloo on CPUs), DDP or FSDP2 wrapping, and the
+state-dict helpers that work the same for one process, DDP and FSDP2."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_type: str) -> DistContext:
+    """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK); a no-op otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    initialized_here = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        initialized_here = True
+    return DistContext(rank, world_size, local_rank, initialized_here)
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, ctx: DistContext, sharding: str, device: torch.device) -> nn.Module:
+    """DDP (``sharding="ddp"``) or FSDP2 ``fully_shard`` per transformer block and at the root."""
+    if not ctx.distributed:
+        return model
+    if sharding == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(model.blocks) + list(model.decoder_blocks):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def full_state(model: nn.Module, optimizer, sharding: str, ctx: DistContext) -> tuple[dict, dict]:
+    """(model state_dict, optimizer state_dict), whole and on the CPU; collective under FSDP2."""
+    if ctx.distributed and sharding == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(model, optimizer, options=options)
+    model_state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    return model_state, optimizer.state_dict()
+
+
+def load_full_state(model: nn.Module, optimizer, model_state: dict, optim_state: dict, sharding: str, ctx) -> None:
+    """Inverse of :func:`full_state` (every rank passes the whole state)."""
+    if ctx.distributed and sharding == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+        return
+    unwrap(model).load_state_dict(model_state)
+    optimizer.load_state_dict(optim_state)
+
+
+def all_gather_objects(obj, ctx: DistContext) -> list:
+    if not ctx.distributed:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def sum_tensor(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum over ranks (in place on a copy); the input itself when not distributed."""
+    if not ctx.distributed:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()

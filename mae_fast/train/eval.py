@@ -1,0 +1,178 @@
+"""Frozen-feature evaluation of a pretrained encoder: weighted kNN and a linear probe.
+
+Features come from ``model.encode(imgs)`` (the whole image, nothing masked, after the final norm):
+``pool="mean"`` averages the patch tokens (the default: MAE's cls token is not trained by any loss),
+``pool="cls"`` takes the cls token. Images get the eval transform only (no augmentation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mae_fast.train import data
+from mae_fast.train.config import FEATURE_POOLS, TrainConfig
+
+
+def model_from_checkpoint(path: str, random_init: bool = False):
+    """(model on the CPU, TrainConfig) from a training checkpoint or an export of ``mae-fast pretrain``.
+
+    ``random_init=True`` returns the same architecture at the run's initialisation (same seed), the
+    baseline the pretrained encoder is compared with.
+    """
+    from mae_fast.models import load_checkpoint
+    from mae_fast.train.loop import build_model
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    values = state.get("config") or state.get("args")
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds no run config ('config' or 'args'): was it written by mae-fast pretrain?")
+    config = TrainConfig.from_dict({**values, "device": "cpu", "backend": "auto"})
+    model = build_model(config, torch.device("cpu"))
+    if not random_init:
+        load_checkpoint(model, state)
+    return model.eval(), config
+
+
+def normalisation(config: TrainConfig) -> tuple[tuple, tuple]:
+    """The (mean, std) per channel the run normalised its images with."""
+    if config.data == "fashion-mnist":
+        return data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD
+    if config.data == "imagefolder":
+        return data.IMAGENET_MEAN, data.IMAGENET_STD
+    return (0.0,) * 3, (1.0,) * 3
+
+
+@torch.no_grad()
+def extract_features(
+    model, source, pool: str = "mean", batch_size: int = 256, limit: int | None = None, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32 [N, D], labels int64 [N]) of the first ``limit`` images of ``source``."""
+    if pool not in FEATURE_POOLS:
+        raise ValueError(f"pool must be one of {FEATURE_POOLS}, got {pool!r}")
+    model.eval()
+    feats, labels = [], []
+    for imgs, batch_labels in data.eval_batches(source, model.img_size[0], batch_size, limit):
+        tokens = model.encode(imgs.to(device)).float()
+        feats.append((tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]).cpu())
+        labels.append(batch_labels)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_accuracy(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
+    """Top-1 accuracy of a cosine-similarity kNN whose k neighbours vote with weight exp(sim / T)
+    (the weighted kNN of Wu et al. 2018 / DINO). Features [N, D] float, labels [N] int64."""
+    if k < 1 or k > len(train_feats):
+        raise ValueError(f"k must be in [1, {len(train_feats)}], got {k}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    train = F.normalize(train_feats.float(), dim=1)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    correct = 0
+    for start in range(0, len(test_feats), chunk):
+        query = F.normalize(test_feats[start : start + chunk].float(), dim=1)
+        sims, idx = (query @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+        correct += int((votes.argmax(dim=1) == test_labels[start : start + chunk]).sum())
+    return correct / len(test_feats)
+
+
+def linear_probe_accuracy(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> float:
+    """Top-1 accuracy of BatchNorm1d(affine=False) + Linear trained on frozen features (the paper's
+    probe head), AdamW with a cosine schedule, cross-entropy."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    generator = torch.Generator().manual_seed(seed)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Sequential(
+            nn.BatchNorm1d(train_feats.shape[1], affine=False), nn.Linear(train_feats.shape[1], num_classes)
+        )
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * math.ceil(len(train_feats) / batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train_feats), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:
+                continue
+            loss = F.cross_entropy(head(train_feats[idx]), train_labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    head.eval()
+    with torch.no_grad():
+        return float((head(test_feats).argmax(dim=1) == test_labels).float().mean())
+
+
+def evaluate(model, config: TrainConfig, method: str, pool: str = "mean", train_limit=None, test_limit=None, **kw):
+    """kNN or linear-probe accuracy of ``model``'s encoder on the labelled data of ``config``."""
+    train_source = data.build_source(config, "train")
+    test_source = data.build_source(config, "test")
+    train = extract_features(model, train_source, pool, limit=train_limit)
+    test = extract_features(model, test_source, pool, limit=test_limit)
+    if method == "knn":
+        return knn_accuracy(*train, *test, **kw)
+    if method == "linprobe":
+        return linear_probe_accuracy(*train, *test, **kw)
+    raise ValueError(f"method must be 'knn' or 'linprobe', got {method!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("method", choices=["knn", "linprobe"], help="weighted kNN or linear probe on frozen features")
+    parser.add_argument("checkpoint", help="a training checkpoint or an export (mae_pretrain.pth) of mae-fast pretrain")
+    parser.add_argument("--data", choices=["fashion-mnist", "imagefolder"], default=None, help="default: the run's")
+    parser.add_argument("--data-path", default=None, help="ImageNet-layout folder (train/ and val/ sub-folders)")
+    parser.add_argument("--pool", choices=FEATURE_POOLS, default="mean", help="patch-token mean or the cls token")
+    parser.add_argument("--k", type=int, default=20, help="kNN neighbours (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=30, help="linear-probe epochs (default: %(default)s)")
+    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    parser.add_argument("--random-init", action="store_true", help="also score the same encoder at initialisation")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, config = model_from_checkpoint(args.checkpoint)
+    overrides = {k: v for k, v in (("data", args.data), ("data_path", args.data_path)) if v is not None}
+    if overrides.get("data") == "imagefolder" and not overrides.get("data_path"):
+        raise SystemExit("--data-path is required with --data imagefolder")
+    config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    if config.data == "synthetic":
+        raise SystemExit("the run used synthetic data, which has no labels: pass --data fashion-mnist or imagefolder")
+    kw = {"k": args.k} if args.method == "knn" else {"epochs": args.epochs}
+    limits = {"train_limit": args.train_limit, "test_limit": args.test_limit}
+    models = [("pretrained", model)]
+    if args.random_init:
+        models.append(("random init", model_from_checkpoint(args.checkpoint, random_init=True)[0]))
+    for name, candidate in models:
+        accuracy = evaluate(candidate, config, args.method, args.pool, **limits, **kw)
+        print(f"{args.method} top-1 ({args.pool}-pooled features, {config.data}), {name}: {accuracy:.4f}")
+    return 0

@@ -1,0 +1,378 @@
+"""The pretraining loop: ``mae_fast.train.pretrain(config)``.
+
+Steady state is free of host synchronisation: each step's loss is added to a device tensor, the
+update of a step with a non-finite loss or gradient norm is skipped on the device (the fused AdamW's
+``found_inf`` input), and the host reads the sums every ``log_every`` steps. There the ``nonfinite``
+policy applies: "stop" raises :class:`NonFiniteLossError` (the weights never took the bad update, no new
+checkpoint is written), "skip" logs how many updates were skipped and goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mae_fast.models import create_model
+from mae_fast.train import checkpointing, data, distributed, schedule
+from mae_fast.train.config import TrainConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss or gradient was seen and ``nonfinite="stop"``."""
+
+
+@dataclass
+class PretrainResult:
+    """What a run did. ``history`` holds (step, mean loss since the previous entry) per log read."""
+
+    output_dir: str
+    step: int
+    total_steps: int
+    history: list[tuple[int, float]] = field(default_factory=list)
+    interrupted: str | None = None
+    checkpoint: str | None = None
+    export: str | None = None
+    skipped_steps: int = 0
+    bad_images: int = 0
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def resolve_backend(config: TrainConfig, device: torch.device) -> str:
+    """The op backend: as configured, except that "auto" means the reference ops on the CPU (Triton's
+    interpreter is for testing kernels, far too slow to train with)."""
+    return "reference" if config.backend == "auto" and device.type == "cpu" else config.backend
+
+
+def data_in_chans(config: TrainConfig) -> int:
+    return 1 if config.data == "fashion-mnist" else 3
+
+
+def build_model(config: TrainConfig, device: torch.device):
+    """The MAE of ``config``, initialised from config.seed (so every rank and every rerun starts the same)
+    without touching the global random state."""
+    probe_kwargs = {**config.model_kwargs, "in_chans": data_in_chans(config), "depth": 0, "decoder_depth": 0}
+    img_size = data.default_img_size(config, create_model(config.model, **probe_kwargs).img_size[0])
+    kwargs = {
+        **config.model_kwargs,
+        "img_size": img_size,
+        "in_chans": data_in_chans(config),
+        "norm_pix_loss": config.norm_pix_loss,
+        "backend": resolve_backend(config, device),
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = create_model(config.model, **kwargs)
+    return model.to(device)
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT set the flag (the loop checkpoints and returns); a second SIGINT interrupts."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _MetricsWriter:
+    """metrics.jsonl (rank 0), plus TensorBoard scalars when tensorboard is importable."""
+
+    def __init__(self, output_dir: str, keep_until_step: int | None):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        kept = []
+        if keep_until_step is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        self.tensorboard = None
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def pretrain(config: TrainConfig) -> PretrainResult:
+    """Run (or resume) MAE pretraining as ``config`` says; also works under torchrun (DDP / FSDP2).
+
+    Writes to ``config.output_dir``: config.json, metrics.jsonl, checkpoints/checkpoint-<step>.pt (the
+    newest ``keep_last``), vis/reconstruction-<step>.png at each checkpoint, loss_curve.png and the
+    release-format export mae_pretrain.pth ({'model': state_dict, 'args': config}) at the end.
+    """
+    config.validate()
+    device = resolve_device(config)
+    ctx = distributed.setup(device.type)
+    try:
+        return _run(config, device, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext) -> PretrainResult:
+    micro_batch = config.micro_batch(ctx.world_size)
+    ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+    if ctx.is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+            f.write(config.to_json() + "\n")
+
+    model = build_model(config, device)
+    core = model
+    train_data = data.build_train_data(config, core.img_size[0], core.num_patches, ctx.world_size, ctx.rank, device)
+    steps_per_epoch = train_data.steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+    end_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    peak_lr = config.base_lr()
+
+    model = distributed.wrap(model, ctx, config.sharding, device)
+    optimizer = schedule.build_optimizer(model, peak_lr, config.weight_decay, config.betas)
+    scheduler = schedule.build_scheduler(optimizer, warmup_steps, total_steps, peak_lr, config.min_lr)
+    found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    optimizer.found_inf = found_inf  # read by the fused AdamW: a 1 skips the whole update on the device
+
+    step, history = 0, []
+    resume_path = checkpointing.resolve_resume(config.resume, ckpt_dir)
+    if resume_path is not None:
+        state = checkpointing.load_training_checkpoint(resume_path)
+        distributed.load_full_state(model, optimizer, state["model"], state["optimizer"], config.sharding, ctx)
+        scheduler.load_state_dict(state["scheduler"])
+        step, history = int(state["step"]), [tuple(h) for h in state["metrics"]["history"]]
+        rngs = state["rng"]
+        checkpointing.set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
+    else:
+        torch.manual_seed(config.seed + ctx.rank)
+
+    result = PretrainResult(config.output_dir, step, total_steps, history=history)
+    metrics = _MetricsWriter(config.output_dir, step) if ctx.is_main else None
+    step_model = torch.compile(model) if config.compile else model
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+    vis_batch = _vis_batch(config, train_data, core) if ctx.is_main and config.visualize else None
+    seen_bad: set[str] = set()
+    progress = None
+    if ctx.is_main and config.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=end_step, initial=step, unit="step", dynamic_ncols=True, desc="pretrain")
+
+    def save(at_step: int) -> str | None:
+        model_state, optim_state = distributed.full_state(model, optimizer, config.sharding, ctx)
+        rngs = distributed.all_gather_objects(checkpointing.rng_state(), ctx)
+        path = None
+        if ctx.is_main:
+            bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise NonFiniteLossError(f"refusing to checkpoint non-finite weights: {', '.join(bad[:5])}")
+            state = {
+                "model": model_state,
+                "optimizer": optim_state,
+                "scheduler": scheduler.state_dict(),
+                "step": at_step,
+                "epoch": at_step // steps_per_epoch,
+                "micro_batch": (at_step % steps_per_epoch) * config.accum_steps,
+                "rng": rngs,
+                "metrics": {"history": [list(h) for h in result.history]},
+                "config": config.to_dict(),
+                "world_size": ctx.world_size,
+            }
+            path = checkpointing.save_checkpoint(state, ckpt_dir, config.keep_last)
+            if vis_batch is not None:
+                _save_pictures(config, core, model_state, vis_batch, at_step)
+        distributed.barrier(ctx)
+        return path
+
+    # device-side accumulators, read every log_every steps
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    good_steps = torch.zeros((), dtype=torch.float64, device=device)
+    bad_steps = torch.zeros((), dtype=torch.float64, device=device)
+    last_norm = torch.zeros((), dtype=torch.float32, device=device)
+    window_start, window_step = time.perf_counter(), step
+    fsdp = ctx.distributed and config.sharding == "fsdp"
+    ddp = ctx.distributed and not fsdp
+
+    with _StopFlag() as stop:
+        try:
+            while step < end_step:
+                epoch = step // steps_per_epoch
+                epoch_end = min(end_step, (epoch + 1) * steps_per_epoch)
+                done = (step % steps_per_epoch) * config.accum_steps
+                batches = train_data.start(epoch, done, micro_batch)
+                while step < epoch_end:
+                    model.train()
+                    step_loss = torch.zeros((), dtype=torch.float32, device=device)
+                    for micro in range(config.accum_steps):
+                        batch = next(batches)
+                        if batch["bad"]:
+                            result.bad_images += data.report_bad(batch["bad"], seen_bad)
+                        imgs = batch["imgs"].to(device, non_blocking=True)
+                        noise = batch["noise"].to(device, non_blocking=True)
+                        last = micro == config.accum_steps - 1
+                        if fsdp:
+                            model.set_requires_gradient_sync(last)
+                        sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
+                        with sync:
+                            with autocast:
+                                loss, _, _ = step_model(imgs, config.mask_ratio, noise)
+                            (loss / config.accum_steps).backward()
+                        step_loss += loss.detach().float()
+                    step_loss /= config.accum_steps
+                    norm = _grad_norm(params, config.clip_grad)
+                    bad = ~(torch.isfinite(step_loss) & torch.isfinite(norm))
+                    found_inf.copy_(bad)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_sum += torch.where(bad, 0.0, step_loss.double())
+                    good_steps += (~bad).double()
+                    bad_steps += bad.double()
+                    last_norm.copy_(torch.where(bad, last_norm, norm.float()))
+                    step += 1
+                    result.step = step
+                    if progress is not None:
+                        progress.update(1)
+
+                    stopping = stop.signal_name is not None and not ctx.distributed
+                    checkpointing_now = bool(config.ckpt_every) and step % config.ckpt_every == 0
+                    if step % config.log_every == 0 or step == end_step or stopping or checkpointing_now:
+                        flag = torch.tensor(float(stop.signal_name is not None), dtype=torch.float64, device=device)
+                        totals = distributed.sum_tensor(torch.stack([loss_sum, good_steps, bad_steps, flag]), ctx)
+                        total_loss, n_good, n_bad, n_stop = totals.tolist()
+                        elapsed = time.perf_counter() - window_start
+                        images = (step - window_step) * config.batch_size
+                        record = {
+                            "step": step,
+                            "epoch": step / steps_per_epoch,
+                            "loss": total_loss / n_good if n_good else math.nan,
+                            "lr": optimizer.param_groups[0]["lr"],
+                            "grad_norm": float(last_norm),
+                            "img_per_s": images / elapsed if elapsed > 0 else math.nan,
+                            "skipped_steps": result.skipped_steps + int(n_bad / ctx.world_size),
+                            "bad_images": result.bad_images,
+                        }
+                        result.skipped_steps = record["skipped_steps"]
+                        if n_good:
+                            result.history.append((step, record["loss"]))
+                        if metrics is not None:
+                            metrics.write(record)
+                        if progress is not None:
+                            progress.set_postfix(
+                                loss=f"{record['loss']:.4f}",
+                                lr=f"{record['lr']:.2e}",
+                                img_s=f"{record['img_per_s']:.0f}",
+                            )
+                        if n_bad and config.nonfinite == "stop":
+                            raise NonFiniteLossError(
+                                f"non-finite loss or gradient in {int(n_bad / ctx.world_size)} of the steps "
+                                f"{window_step + 1}..{step}; those updates were skipped, nothing was saved after "
+                                f"them (nonfinite='skip' goes on instead)"
+                            )
+                        loss_sum.zero_(), good_steps.zero_(), bad_steps.zero_()
+                        window_start, window_step = time.perf_counter(), step
+                        if n_stop:
+                            result.interrupted = stop.signal_name or "SIGTERM"
+                            result.checkpoint = save(step)
+                            _say(ctx, f"stopped by {result.interrupted} at step {step}: {result.checkpoint}")
+                            return result
+                    if checkpointing_now and step < end_step:
+                        result.checkpoint = save(step)
+        finally:
+            if progress is not None:
+                progress.close()
+            if metrics is not None:
+                metrics.close()
+
+    result.checkpoint = save(step)
+    model_state, _ = distributed.full_state(model, optimizer, config.sharding, ctx)
+    if ctx.is_main:
+        result.export = os.path.join(config.output_dir, "mae_pretrain.pth")
+        checkpointing.atomic_save({"model": model_state, "args": config.to_dict()}, result.export)
+        if config.visualize and result.history:
+            from mae_fast.train.visualize import save_loss_curve
+
+            save_loss_curve(result.history, os.path.join(config.output_dir, "loss_curve.png"))
+    distributed.barrier(ctx)
+    return result
+
+
+def _grad_norm(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
+    """The global L2 norm of the gradients (clipped to ``clip`` when given), as a plain device tensor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, total)
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
+
+
+def _say(ctx: distributed.DistContext, message: str) -> None:
+    if ctx.is_main:
+        print(message, flush=True)
+
+
+def _vis_batch(config: TrainConfig, train_data, model) -> dict:
+    """Fixed images (no augmentation) and fixed mask noise for the reconstruction pictures."""
+    generator = torch.Generator().manual_seed(config.seed)
+    if train_data.source is None:
+        imgs = torch.randn(config.num_vis, model.in_chans, *model.img_size, generator=generator)
+        mean, std = (0.0,) * model.in_chans, (1.0,) * model.in_chans
+    else:
+        source = train_data.source
+        with contextlib.suppress(ValueError, FileNotFoundError):
+            source = data.build_source(config, "test")
+        imgs, _ = next(data.eval_batches(source, model.img_size[0], config.num_vis))
+        mean, std = source.mean, source.std
+    noise = torch.rand(imgs.shape[0], model.num_patches, generator=generator)
+    return {"imgs": imgs, "noise": noise, "mean": mean, "std": std}
+
+
+def _save_pictures(config: TrainConfig, core, model_state: dict, vis_batch: dict, step: int) -> None:
+    """The reconstruction grid of ``vis_batch``, from a CPU copy of the weights (works for any sharding)."""
+    from mae_fast.train.visualize import save_reconstruction_grid
+
+    cpu_config = TrainConfig.from_dict({**config.to_dict(), "device": "cpu"})
+    snapshot = build_model(cpu_config, torch.device("cpu"))
+    snapshot.load_state_dict(model_state)
+    path = os.path.join(config.output_dir, "vis", f"reconstruction-{step:08d}.png")
+    save_reconstruction_grid(
+        snapshot, vis_batch["imgs"], vis_batch["noise"], vis_batch["mean"], vis_batch["std"], config.mask_ratio, path
+    )
