@@ -1,6 +1,7 @@
 """The benchmark suite (benchmarks/): its reference model, FLOP count, correctness gate, JSON schema,
 plots, the CPU smoke run of ``mae-fast bench`` and the dry run of the GPU script."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_ops, harness, plot, run, schema, summary  # noqa: E402
+from benchmarks import bench_ops, harness, options, plot, run, schema, summary  # noqa: E402
 from benchmarks.reference_mae import ReferenceMAE, model_train_flops_per_image  # noqa: E402
 from mae_fast.models import create_model  # noqa: E402
 
@@ -213,17 +214,7 @@ def test_smoke_run_checks_times_and_writes_valid_results(tmp_path):
     schema.validate(doc)
     assert doc["environment"]["smoke"] and not doc["environment"]["claims"]
     rows = doc["rows"]
-    expected_ops = {
-        "patchify_gather",
-        "patch_embed_gather",
-        "unshuffle_mask_tokens",
-        "masked_mse_loss",
-        "random_masking",
-        "visible_attention",
-        "visible_attention_varlen",
-        "train_step",
-    }
-    assert {r["op"] for r in rows} == expected_ops
+    assert {r["op"] for r in rows} == set(options.OPS)  # every op runs, and --ops knows them all
     assert {r["section"] for r in rows} == {"kernels", "train", "sweep"}
     ours = ("triton", "cuda", "mae_fast", "mae_fast_compiled")
     for row in rows:
@@ -257,6 +248,26 @@ def test_budget_exhausted_records_every_case_as_skipped(tmp_path):
     doc = json.loads((tmp_path / "b.json").read_text())
     schema.validate(doc)
     assert doc["rows"] and all(r["status"] == "skipped" and r["reason"] == "time budget exhausted" for r in doc["rows"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ops", "patchify,masked_mse_loss"], "unknown patchify"),
+        (["--models", "vit_g"], "unknown vit_g"),
+        (["--sections", "kernels,plots"], "unknown plots"),
+        (["--batch", "0"], "expected a positive int"),
+        (["--sweep", "32,x"], "expected a positive int"),
+        (["--rep-ms", "-5"], "expected a positive int"),
+        (["--budget-s", "-1"], "seconds >= 0"),
+    ],
+)
+def test_bench_options_reject_bad_values(argv, message, capsys):
+    parser = argparse.ArgumentParser()
+    options.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_gpu_check_dry_run_writes_its_files(tmp_path):
