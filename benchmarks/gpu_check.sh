@@ -140,13 +140,13 @@ if [ "$DRY" = 1 ]; then
   stage bench-smoke 120 "$PY" -m benchmarks.run --smoke --out "$OUT" --name "$STEM" --no-plots \
     --sections kernels --ops random_masking
 else
-  BENCH_LIMIT=$(($(left_s) - 30))
+  BENCH_LIMIT=$(($(left_s) - 45)) # leaves the report its 40 s
   stage benchmarks "$BENCH_LIMIT" "$PY" -m benchmarks.run --out "$OUT" --name "$STEM" --no-plots \
     --budget-s $((BENCH_LIMIT > 60 ? BENCH_LIMIT - 45 : 15)) --rep-ms 50
 fi
 rm -f "$OUT/$STEM.tmp"
 if [ -f "$OUT/$STEM.json" ]; then
-  stage report 60 "$PY" -m benchmarks.summary "$OUT/$STEM.json" --out "$OUT" --plots
+  stage report 40 "$PY" -m benchmarks.summary "$OUT/$STEM.json" --out "$OUT" --plots
 else
   skip report "no results JSON"
 fi

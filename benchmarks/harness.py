@@ -71,7 +71,7 @@ def measure(
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        warmup, rep = (5, 20) if smoke else (max(5, rep_ms // 4), rep_ms)
+        warmup, rep = max(5, rep_ms // 4), rep_ms
         median, p20, p80 = do_bench(
             fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none), quantiles=[0.5, 0.2, 0.8]
         )
