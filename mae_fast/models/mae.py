@@ -175,13 +175,75 @@ class MaskedAutoencoderViT(nn.Module):
         return self.loss_fn(pred, imgs, mask)
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+        self, imgs: torch.Tensor, mask_ratio: float | torch.Tensor = 0.75, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (loss, pred [B, L, p*p*C], mask [B, L]); ``noise`` [B, L] fixes the mask."""
+        """-> (loss, pred [B, L, p*p*C], mask [B, L]); ``noise`` [B, L] fixes the mask.
+
+        ``mask_ratio`` may also be a float tensor [B] of per-sample ratios: image b keeps
+        int(L * (1 - mask_ratio[b])) patches, the encoder runs on the packed sequences (cls + the kept
+        tokens of each image, cu_seqlens) and the loss stays sum(per_patch * mask) / sum(mask) over the batch.
+        """
+        if isinstance(mask_ratio, torch.Tensor):
+            return self._forward_per_sample(imgs, mask_ratio, noise)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
+
+    # --- per-sample mask ratios: the encoder on packed variable-length sequences ------------------------
+
+    def _kept_per_sample(self, mask_ratio: torch.Tensor, batch: int) -> list[int]:
+        """K_b = int(L * (1 - mask_ratio[b])) for a float tensor [B] of ratios in [0, 1) (read on the host)."""
+        if mask_ratio.dim() != 1 or mask_ratio.shape[0] != batch or not mask_ratio.is_floating_point():
+            raise ValueError(
+                f"a tensor mask_ratio must be a float tensor of shape [{batch}] (one ratio per image), "
+                f"got shape {tuple(mask_ratio.shape)} {mask_ratio.dtype}"
+            )
+        kept = []
+        for ratio in mask_ratio.tolist():
+            _validate.mask_ratio(ratio)
+            kept.append(reference.num_kept(self.num_patches, ratio))
+            if kept[-1] < 1:
+                raise ValueError(f"mask_ratio={ratio} keeps no patch of {self.num_patches}")
+        return kept
+
+    def _forward_per_sample(
+        self, imgs: torch.Tensor, mask_ratio: torch.Tensor, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._check_images(imgs)
+        batch, device = imgs.shape[0], imgs.device
+        kept = self._kept_per_sample(mask_ratio, batch)
+        most = max(kept)
+        # One shuffle for the whole batch (the same ids as masking each image alone); image b keeps the
+        # first K_b patches of its shuffle, so the patches are embedded for the longest K and the extra
+        # rows dropped when packing.
+        ids_keep, ids_restore, _ = ops.random_masking(
+            batch, self.num_patches, float(mask_ratio.min()), noise=noise, device=device, backend=self.backend
+        )
+        kept_t = torch.tensor(kept, device=device)
+        mask = (ids_restore >= kept_t[:, None]).float()
+
+        lengths = torch.tensor(kept) + 1  # cls + kept tokens, on the host
+        rows = (torch.arange(most + 1) < lengths[:, None]).flatten().nonzero().squeeze(1).to(device)
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+
+        x = self.patch_embed(imgs, ids_keep, self.pos_embed[:, 1:])
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(batch, -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x.reshape(batch * (most + 1), -1).index_select(0, rows)  # packed [T, D]
+        for block in self.blocks:
+            x = block(x, cu_seqlens, most + 1)
+        latent = self.norm(x)
+
+        # Decoder on the full fixed-length input: the rows an image did not keep become mask tokens.
+        y = self.decoder_embed(latent)
+        filler = self.mask_token.reshape(1, -1).to(y.dtype).expand(batch * (most + 1), -1)
+        y = filler.index_copy(0, rows, y).reshape(batch, most + 1, -1)
+        y = ops.unshuffle_mask_tokens(y, self.mask_token, ids_restore, self.decoder_pos_embed, backend=self.backend)
+        for block in self.decoder_blocks:
+            y = block(y)
+        pred = self.decoder_pred(self.decoder_norm(y))[:, 1:]
+        return self.forward_loss(imgs, pred, mask), pred, mask
 
     @torch.no_grad()
     def encode(self, imgs: torch.Tensor) -> torch.Tensor:
