@@ -25,8 +25,12 @@ MAX_ROTATION = 32
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Floor of the correctness gate, relative to the largest reference value, per dtype of the compared
-# tensor: TF32 dots for fp32, ~2 ulp for fp16 / bf16.
-TOLERANCE_FLOOR = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# tensor: TF32 dots for fp32, ~4 ulp at that magnitude for fp16 / bf16. The eager reference upcasts to
+# fp32 inside, so its own error is only the final rounding, while a correct kernel keeping bf16
+# operands (flash attention's P and dS) accumulates a few ulp more. The gate exists to keep wrong
+# kernels (indexing, masking, scaling: errors of the order of the values) out of the timings; the
+# kernel tests hold each op to its precise tolerances.
+TOLERANCE_FLOOR = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 4e-3, torch.bfloat16: 3.2e-2}
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ def compare(actual, exact, eager) -> Verdict:
     """Gate a provider's outputs against an exact (fp64) reference, flash-attention style.
 
     Each floating tensor of ``actual`` may differ from ``exact`` by at most twice the error of the eager
-    reference at the same precision (``eager``) plus a floor of ~2 ulp of its dtype times the largest
+    reference at the same precision (``eager``) plus a floor of ~4 ulp of its dtype times the largest
     reference value. Integer tensors must be equal.
     """
     actual, exact, eager = flatten(actual), flatten(exact), flatten(eager)
