@@ -1,0 +1,94 @@
+"""Reconstruction pictures: norm-pix un-normalisation, pasted visible patches, PNG files, the CLI."""
+
+import numpy as np
+import pytest
+import torch
+from test_train import TINY
+
+from mae_fast.cli import main
+from mae_fast.models import create_model
+from mae_fast.train import TrainConfig, pretrain
+from mae_fast.train.visualize import load_image, reconstruct, save_loss_curve, save_reconstruction_grid
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_a_perfect_prediction_reconstructs_the_image(norm_pix, monkeypatch):
+    """If the model predicted exactly its (normalised) target, every column would show the original."""
+    model = create_model("mae_vit_tiny_patch4_32", **TINY, img_size=16, norm_pix_loss=norm_pix, backend="reference")
+    imgs = torch.randn(3, 3, 16, 16)
+    noise = torch.rand(3, 16)
+
+    def perfect(self, imgs, mask_ratio, noise):
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        _, mask, _ = self.forward_encoder(imgs, mask_ratio, noise)
+        return torch.zeros(()), target, mask
+
+    monkeypatch.setattr(type(model), "forward", perfect)
+    out = reconstruct(model, imgs, noise, 0.75)
+    torch.testing.assert_close(out["reconstruction"], imgs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["pasted"], imgs)
+    assert out["mask"].sum(dim=1).tolist() == [12.0] * 3
+    patches = model.patchify(out["masked"])
+    assert torch.isnan(patches[:, :, 0][out["mask"].bool()]).all()
+    assert not torch.isnan(patches[:, :, 0][~out["mask"].bool()]).any()
+
+
+def test_pasted_keeps_the_visible_patches_of_a_real_model():
+    model = create_model("mae_vit_tiny_patch4_32", **TINY, img_size=16, norm_pix_loss=True, backend="reference")
+    imgs = torch.randn(2, 3, 16, 16)
+    out = reconstruct(model, imgs, torch.rand(2, 16), 0.75)
+    visible = ~out["mask"].bool()
+    torch.testing.assert_close(model.patchify(out["pasted"])[visible], model.patchify(imgs)[visible])
+    removed = out["mask"].bool()
+    torch.testing.assert_close(model.patchify(out["pasted"])[removed], model.patchify(out["reconstruction"])[removed])
+
+
+def test_grid_and_loss_curve_are_pngs(tmp_path):
+    model = create_model("mae_vit_tiny_patch4_32", **TINY, img_size=16, in_chans=1, backend="reference")
+    grid = save_reconstruction_grid(
+        model, torch.randn(2, 1, 16, 16), torch.rand(2, 16), (0.5,), (0.25,), 0.75, str(tmp_path / "g" / "grid.png")
+    )
+    curve = save_loss_curve([(1, 1.0), (2, 0.5), (3, 0.05)], str(tmp_path / "curve.png"))
+    assert _is_png(grid) and _is_png(curve)
+
+
+def test_visualize_cli_on_image_files(tmp_path, capsys):
+    from PIL import Image
+
+    result = pretrain(
+        TrainConfig(
+            model_kwargs=TINY,
+            batch_size=16,
+            max_steps=1,
+            output_dir=str(tmp_path / "run"),
+            visualize=False,
+            progress=False,
+            num_workers=0,
+            device="cpu",
+        )
+    )
+    paths = []
+    for i, size in enumerate([(40, 30), (28, 28)]):
+        path = str(tmp_path / f"img{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    out = str(tmp_path / "recon.png")
+    assert main(["visualize", result.export, *paths, "--out", out]) == 0
+    assert _is_png(out) and "2 images" in capsys.readouterr().out
+    img = load_image(paths[0], 1, 28, (0.0,), (1.0,))
+    assert img.shape == (1, 28, 28) and 0.0 <= img.min() and img.max() <= 1.0
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        load_image(str(tmp_path / "none.png"), 1, 28, (0.0,), (1.0,))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_image(str(bad), 1, 28, (0.0,), (1.0,))
