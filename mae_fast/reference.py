@@ -59,7 +59,7 @@ def random_masking(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, to
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """x [B, L, D], ids_keep [B, K] -> [B, K, D] (row b holds x[b, ids_keep[b]])."""
-    index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    index = ids_keep.long().unsqueeze(-1).expand(-1, -1, x.shape[-1])
     return torch.gather(x, 1, index)
 
 

@@ -140,3 +140,19 @@ def test_attention_and_varlen_agree_with_softmax_definition():
     for start, end in ((0, 3), (3, 4), (4, 8)):
         alone, _ = reference.attention(qp[None, start:end], kp[None, start:end], vp[None, start:end])
         torch.testing.assert_close(packed[start:end], alone[0])
+
+
+def test_int32_ids_are_accepted_like_int64():
+    from mae_fast import ops
+
+    imgs = torch.randn(2, 3, 8, 8)
+    ids = torch.tensor([[3, 0], [1, 2]])
+    expected = ops.patchify_gather(imgs, ids, 4, backend="reference")
+    torch.testing.assert_close(ops.patchify_gather(imgs, ids.int(), 4, backend="reference"), expected)
+    x = torch.randn(2, 3, 5)
+    restore = torch.tensor([[1, 2, 0, 3], [0, 1, 2, 3]])
+    token = torch.randn(5)
+    torch.testing.assert_close(
+        ops.unshuffle_mask_tokens(x, token, restore.int(), backend="reference"),
+        ops.unshuffle_mask_tokens(x, token, restore, backend="reference"),
+    )
