@@ -237,3 +237,26 @@ def test_gpu_mae_shapes_by_the_same_precision_rule(b, n, h, d, dtype):
         assert _max_err(g, e) <= 2 * _max_err(y, e) + 1e-5
     again = _triton(q, k, v, do, scale)
     assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_varlen_and_qkv_entry_by_the_same_precision_rule(dtype):
+    """Encoder-like packed batch: lengths 50 +- 50% (and 1), d = 64, checked sequence by sequence."""
+    lengths = [1] + torch.randint(25, 76, (31,)).tolist()
+    h, d = 12, 64
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    qkv = torch.randn(sum(lengths), 3 * h * d, device="cuda", dtype=dtype)
+    do = torch.randn(sum(lengths), h, d, device="cuda", dtype=dtype)
+    q, k, v = qkv.unflatten(-1, (3, h, d)).unbind(-3)
+    got = _triton(q, k, v, do, d**-0.5, cu, max(lengths))
+    exact = _exact(q, k, v, do, d**-0.5, cu)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        yardstick = _same_precision_torch(*(t[None, start:end] for t in (q, k, v, do)), d**-0.5)
+        for g, y, e in zip(got[:1] + got[2:], yardstick, exact[:1] + exact[2:], strict=True):
+            assert _max_err(g[start:end], e[start:end]) <= 2 * _max_err(y[0], e[start:end]) + 1e-5
+    leaf = qkv.clone().requires_grad_()
+    out = qkv_attention(leaf, h, cu, max(lengths), backend="triton")
+    out.backward(do.flatten(-2))
+    torch.testing.assert_close(out, got[0].flatten(-2))
+    torch.testing.assert_close(leaf.grad, torch.stack(got[2:], dim=-3).flatten(-3))

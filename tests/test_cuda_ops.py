@@ -236,9 +236,9 @@ def _attention_low_precision(q, k, v, scale):
 
 
 def _qkv(b, n, heads, d, dtype):
-    """q, k, v as the strided views a fused qkv Linear produces."""
-    qkv = torch.randn(b, n, 3, heads, d, device="cuda", dtype=dtype)
-    return [_leaf(t) for t in qkv.unbind(2)]
+    """q, k, v as the strided views of one fused qkv activation (what the Attention module passes)."""
+    qkv = torch.randn(b, n, 3, heads, d, device="cuda", dtype=dtype, requires_grad=True)
+    return list(qkv.unbind(2))
 
 
 def _check_close_to_fp32(mine, low, ref, what):
@@ -320,17 +320,23 @@ def test_auto_uses_cuda_for_short_sequences_and_falls_back_for_long_ones():
 
 def test_ops_compile_without_graph_breaks():
     def step(pred, imgs, mask, q):
-        loss = masked_mse_loss(pred, imgs, mask, 8, backend="cuda")
-        return loss + visible_attention(q, q, q, backend="cuda").float().sum()
+        loss = torch.ops.mae_fast.masked_mse_loss(pred, imgs, mask, 8, True, 1e-6)[0]
+        out = torch.ops.mae_fast.visible_attention(q, q, q, None, q.shape[1], 0.125)[0]
+        return loss + out.float().square().mean()
 
     args = (
         torch.randn(2, 16, 192, device="cuda", requires_grad=True),
         torch.randn(2, 3, 32, 32, device="cuda"),
         torch.ones(2, 16, device="cuda"),
-        torch.randn(2, 50, 2, 64, device="cuda", dtype=torch.bfloat16),
+        torch.randn(2, 50, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True),
     )
     compiled = torch.compile(step, fullgraph=True)
-    torch.testing.assert_close(compiled(*args), step(*args))
+    got, expected = compiled(*args), step(*args)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got, (args[0], args[3]))
+    expected_grads = torch.autograd.grad(expected, (args[0], args[3]))
+    for mine, theirs in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(mine, theirs)
 
 
 # --- compute-sanitizer ---------------------------------------------------------------------------------
