@@ -386,8 +386,9 @@ def _pow2(value: int, low: int = 16) -> int:
 
 
 def forward_config(max_seqlen: int, head_dim: int) -> ForwardConfig:
-    """Forward tiles: one key tile holds the whole sequence for N <= 128 (d <= 64), and for N <= 256 at
-    d = 64; otherwise the online-softmax loop runs over 64- or 128-token key tiles."""
+    """Forward tiles: one key tile holds the whole sequence for N <= 128 at d <= 64 and for N <= 256 at
+    d = 64 (ViT decoders at d = 32 take two 128-token tiles: one 256-token tile spills); otherwise the
+    online-softmax loop runs over 64-token key tiles."""
     block_d = _pow2(head_dim)
     whole = _pow2(max_seqlen)
     if block_d <= 64:
@@ -449,7 +450,7 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def _geometry(q: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int) -> tuple[int, int, int, int]:
+def _geometry(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, int, int, int]:
     """(number of sequences, fixed seqlen or 0, heads, head dim)."""
     if cu_seqlens is not None:
         return cu_seqlens.numel() - 1, 0, q.shape[1], q.shape[2]
@@ -468,7 +469,7 @@ def attention_forward(
 ) -> None:
     """Write softmax(q k^T * scale) v into ``out`` and the fp32 natural-log lse into ``lse``."""
     varlen = cu_seqlens is not None
-    seqs, seqlen, heads, head_dim = _geometry(q, cu_seqlens, max_seqlen)
+    seqs, seqlen, heads, head_dim = _geometry(q, cu_seqlens)
     if seqs == 0 or heads == 0 or max_seqlen == 0 or q.numel() == 0:
         return
     cfg = forward_config(max_seqlen, head_dim)
@@ -516,7 +517,7 @@ def attention_backward(
 ) -> None:
     """Write the gradients of the forward into ``dq``, ``dk``, ``dv`` (deterministic: no atomics)."""
     varlen = cu_seqlens is not None
-    seqs, seqlen, heads, head_dim = _geometry(q, cu_seqlens, max_seqlen)
+    seqs, seqlen, heads, head_dim = _geometry(q, cu_seqlens)
     if seqs == 0 or heads == 0 or max_seqlen == 0 or q.numel() == 0:
         return
     cfg = backward_config(max_seqlen, head_dim)
