@@ -50,7 +50,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); timm's names."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); timm's names and weights.
+
+    x is [B, N, D], or packed [T, D] with int32 ``cu_seqlens`` [S+1] and ``max_seqlen`` (see Attention).
+    """
 
     def __init__(
         self,
