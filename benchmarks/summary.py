@@ -182,7 +182,7 @@ def summarize(doc: dict) -> str:
 
     lines.append("")
     lines.append(
-        f"{'op':<26}{'case':<15}{'mode':<8}{'provider':<20}{'median ms':>11}{'GB/s':>9}{'TFLOP/s':>9}  speedup"
+        f"{'op':<26}{'case':<15}{'mode':<8}{'provider':<20}{'median ms':>11} {'GB/s':>9} {'TFLOP/s':>9}  speedup"
     )
     for row in rows:
         if (
@@ -201,7 +201,7 @@ def summarize(doc: dict) -> str:
         tflops = f"{row['tflops']:.3g}" if row.get("tflops") else "-"
         lines.append(
             f"{row['op']:<26}{row['case']:<15}{row['mode']:<8}{row['provider']:<20}{row['median_ms']:>11.4f}"
-            f"{gbps:>9}{tflops:>9}  {speedups}"
+            f" {gbps:>9} {tflops:>9}  {speedups}"
         )
     train = [r for r in rows if r["kind"] == "train_step" and r["status"] == "ok"]
     if train:
