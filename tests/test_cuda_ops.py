@@ -63,6 +63,12 @@ GATHER_SHAPES = [  # (B, C, H, W, p, K): vector paths (p % 4 == 0, C in 1/3/4) a
     (1, 4, 16, 16, 8, 4),
     (2, 2, 12, 12, 6, 3),
     (2, 3, 64, 48, 16, 12),
+    # the grid of tests/test_triton_gather_ops.py
+    (1, 1, 8, 8, 8, 1),
+    (2, 3, 28, 42, 14, 6),
+    (3, 3, 16, 40, 4, 7),
+    (2, 1, 24, 16, 8, 1),
+    (1, 20, 8, 8, 4, 2),
 ]
 
 
@@ -136,7 +142,20 @@ def test_patch_embed_gather_forward_backward(shape, dtype, with_bias_pos):
 # --- unshuffle_mask_tokens -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 16, 32), (3, 13, 49, 64), (2, 7, 20, 36), (1, 50, 196, 512)])
+# (B, K, L, D); the last four are the grid of tests/test_triton_gather_ops.py (K = L and K = 1 included)
+UNSHUFFLE_SHAPES = [
+    (2, 4, 16, 32),
+    (3, 13, 49, 64),
+    (2, 7, 20, 36),
+    (1, 50, 196, 512),
+    (1, 1, 1, 16),
+    (2, 1, 7, 24),
+    (3, 21, 21, 40),
+    (2, 9, 37, 160),
+]
+
+
+@pytest.mark.parametrize("shape", UNSHUFFLE_SHAPES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("with_pos", [True, False])
 def test_unshuffle_mask_tokens_forward_backward(shape, dtype, with_pos):
@@ -169,7 +188,18 @@ def test_unshuffle_mask_tokens_forward_backward(shape, dtype, with_pos):
 
 # --- masked_mse_loss -----------------------------------------------------------------------------------
 
-LOSS_SHAPES = [(2, 3, 32, 32, 8), (3, 1, 28, 28, 7), (2, 3, 32, 48, 16), (2, 3, 28, 28, 14)]
+# (B, C, H, W, p); the last five are the grid of tests/test_triton_masked_mse.py
+LOSS_SHAPES = [
+    (2, 3, 32, 32, 8),
+    (3, 1, 28, 28, 7),
+    (2, 3, 32, 48, 16),
+    (2, 3, 28, 28, 14),
+    (1, 3, 14, 28, 14),
+    (2, 1, 24, 16, 8),
+    (2, 3, 12, 20, 4),
+    (3, 3, 40, 56, 8),
+    (1, 3, 32, 48, 16),
+]
 
 
 @pytest.mark.parametrize("shape", LOSS_SHAPES)
@@ -201,7 +231,7 @@ def test_masked_mse_loss_forward_backward(shape, dtype, norm_pix):
 # --- random_masking ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("length", [1, 4, 49, 196, 256, 1000, 1024])
+@pytest.mark.parametrize("length", [1, 4, 9, 17, 33, 49, 50, 196, 256, 300, 1000, 1024])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_random_masking_equals_stable_argsort(length, dtype):
     noise = torch.rand(5, length, device="cuda").to(dtype)
@@ -248,7 +278,19 @@ def _check_close_to_fp32(mine, low, ref, what):
     assert err <= 2 * budget + 1e-4, f"{what}: error {err:.3g} > 2 x {budget:.3g}"
 
 
-ATTENTION_CASES = [(2, 50, 3, 64), (2, 197, 2, 32), (1, 256, 2, 80), (3, 17, 2, 128), (2, 1, 2, 64), (1, 256, 1, 128)]
+# (B, N, H, d): with the N <= 256 cases of tests/test_attention.py (N = 1, 2, 49, 50, 65, 127, 197)
+ATTENTION_CASES = [
+    (2, 50, 3, 64),
+    (2, 197, 2, 32),
+    (1, 256, 2, 80),
+    (3, 17, 2, 128),
+    (2, 1, 2, 64),
+    (1, 256, 1, 128),
+    (1, 2, 1, 128),
+    (2, 49, 1, 80),
+    (1, 65, 2, 80),
+    (1, 127, 1, 128),
+]
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES)
@@ -350,6 +392,9 @@ SANITIZED_SCRIPT = textwrap.dedent(
     imgs = torch.randn(2, 3, 16, 16, device=dev, requires_grad=True)
     ids_keep, ids_restore, mask = ops.random_masking(2, 16, 0.75, device=dev, backend="cuda")
     ops.patchify_gather(imgs, ids_keep, 4, backend="cuda").sum().backward()
+    repeated = torch.tensor([[1, 1, 7, 1], [0, 2, 2, 15]], device=dev)
+    ops.patchify_gather(imgs, repeated, 4, backend="cuda").sum().backward()
+    ops.patchify(imgs, 4, backend="cuda").sum().backward()
     ops.patchify_gather(imgs.detach().half()[..., :12, :12].contiguous(), ids_keep[:, :2] % 9, 3, backend="cuda")
     weight = torch.randn(32, 3, 4, 4, device=dev, requires_grad=True)
     pos = torch.randn(16, 32, device=dev)
