@@ -157,6 +157,19 @@ def test_qkv_entry_equals_separate_q_k_v(device, packed):
     torch.testing.assert_close(qkv.grad, leaf.grad, **FP32_TOL)
 
 
+def test_broadcast_upstream_gradient(device):
+    """grad_out with zero strides (the gradient of (out * w).sum()) is read correctly."""
+    w = torch.randn(32, device=device)
+    inputs = torch.randn(3, 2, 9, 2, 32, device=device).unbind(0)
+    grads = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        (ops.visible_attention(*leaves, backend=backend) * w).sum().backward()
+        grads[backend] = [t.grad for t in leaves]
+    for got, expected in zip(grads["triton"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, expected, **FP32_TOL)
+
+
 def test_backward_is_bitwise_deterministic(device):
     """No atomics: two runs give identical gradients (fixed single-tile and multi-tile paths, varlen)."""
     cu = torch.tensor([0, 3, 70, 90], dtype=torch.int32, device=device)
