@@ -44,6 +44,9 @@ def test_attention_shared_memory_plan_fits_an_h100_h200_block():
     assert shared_memory(50, 64) < shared_memory(197, 64) < shared_memory(256, 64) < shared_memory(256, 128)
     with pytest.raises(RuntimeError, match="head_dim"):
         shared_memory(64, 96)
+    # the table the dispatcher reads (filled once at import, so checks trace under torch.compile)
+    for length, head_dim in ((1, 32), (50, 64), (65, 80), (197, 32), (256, 128)):
+        assert _extension.attention_shared_memory(length, head_dim) == shared_memory(length, head_dim)
 
 
 # --- fake implementations and autograd, traced without a GPU -------------------------------------------

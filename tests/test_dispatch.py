@@ -76,3 +76,18 @@ def test_unknown_op_and_bad_registration():
         dispatch.explain("nope")
     with pytest.raises(ValueError, match="backend must be one of"):
         dispatch.register("patchify", "opencl")
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_public_ops_trace_in_one_graph(backend):
+    """Dispatch, validation and the backends' checks all trace: fullgraph compiles without a break."""
+    imgs = torch.randn(2, 3, 8, 8)
+    ids = torch.tensor([[3, 0], [1, 2]])
+    q = torch.randn(1, 5, 2, 16)
+
+    def step(imgs, ids, q):
+        patches = ops.patchify_gather(imgs, ids, 4, backend=backend)
+        return patches.sum() + ops.visible_attention(q, q, q, backend=backend).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(imgs, ids, q), step(imgs, ids, q))

@@ -1,5 +1,6 @@
 """The public hot ops. Each validates its inputs and runs through :mod:`mae_fast.dispatch`."""
 
+from mae_fast import _extension
 from mae_fast.ops import cuda_backends  # noqa: F401  (registers the "cuda" backends)
 from mae_fast.ops.attention import visible_attention
 from mae_fast.ops.loss import masked_mse_loss
@@ -18,3 +19,6 @@ __all__ = [
     "unshuffle_mask_tokens",
     "visible_attention",
 ]
+
+# Load the CUDA extension now, outside any torch.compile trace, so the backends' checks only read state.
+_extension.load()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mae_fast import dispatch
+from mae_fast import _extension, dispatch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
@@ -203,9 +203,7 @@ def visible_attention_support(q, k, v, cu_seqlens, max_seqlen, scale, shared_mem
     if q.shape[-2] > MAX_GRID_Y:
         return f"the CUDA attention kernel supports at most {MAX_GRID_Y} heads"
     if shared_memory is not None and length > 0:
-        from mae_fast import _extension
-
-        needed = _extension.module().visible_attention_shared_memory(length, head_dim)
+        needed = _extension.attention_shared_memory(length, head_dim)
         if needed > shared_memory:
             return f"the CUDA attention kernel needs {needed} bytes of shared memory, the device allows {shared_memory}"
     return None
@@ -215,11 +213,13 @@ def _check_attention(q, k, v, cu_seqlens, max_seqlen, scale) -> str | None:
     reason = dispatch.cuda_extension_unavailable(q, k, v, cu_seqlens)
     if reason is not None:
         return reason
-    properties = torch.cuda.get_device_properties(q.device)
-    if (properties.major, properties.minor) < (8, 0):
-        return f"the CUDA attention kernel needs compute capability 8.0+, got {properties.major}.{properties.minor}"
-    optin = getattr(properties, "shared_memory_per_block_optin", properties.shared_memory_per_block)
-    return visible_attention_support(q, k, v, cu_seqlens, max_seqlen, scale, shared_memory=optin)
+    limits = _extension.device_limits(q.device)
+    if limits.capability < (8, 0):
+        major, minor = limits.capability
+        return f"the CUDA attention kernel needs compute capability 8.0+, got {major}.{minor}"
+    return visible_attention_support(
+        q, k, v, cu_seqlens, max_seqlen, scale, shared_memory=limits.shared_memory_per_block
+    )
 
 
 @dispatch.register("visible_attention", "cuda", check=_check_attention)
