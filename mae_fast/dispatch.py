@@ -3,8 +3,8 @@
 Each op registers one implementation per backend together with a ``check`` that returns ``None`` when
 the implementation can run the given inputs, or a sentence saying why not. The backend is chosen per
 call (``backend=``), per model (the model passes its own) or globally (:func:`set_backend` /
-:func:`use_backend`). "auto" takes the first backend in :data:`AUTO_ORDER` whose check passes; CPU
-tensors therefore run the reference unless a test asks for Triton's interpreter explicitly.
+:func:`use_backend`). On GPU inputs "auto" takes the first backend in :data:`AUTO_ORDER` whose check
+passes; CPU inputs run the reference (Triton's interpreter runs only when asked for by name).
 """
 
 from __future__ import annotations
@@ -100,7 +100,12 @@ def resolve(op: str, backend: str | None, *args, **kwargs) -> str:
     Only the candidates are checked: a named backend never depends on the others' availability.
     """
     wanted = validate_backend(backend) or _global_backend
-    candidates = AUTO_ORDER if wanted == "auto" else (wanted,)
+    if wanted != "auto":
+        candidates = (wanted,)
+    elif any(isinstance(arg, torch.Tensor) and arg.device.type == "cuda" for arg in args):
+        candidates = AUTO_ORDER
+    else:  # CPU inputs: "auto" never picks Triton's interpreter, which only tests ask for by name
+        candidates = ("reference",)
     reasons = {}
     for name in candidates:
         reasons[name] = _reason(op, name, args, kwargs)
