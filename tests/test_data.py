@@ -153,3 +153,13 @@ def test_synthetic_batches_are_on_the_device_and_reproducible(tmp_path):
         )
     )
     assert result.step == 2 and np.isfinite(result.history[-1][1])
+
+
+def test_image_folder_splits(tmp_path):
+    make_image_folder(tmp_path / "ds" / "train", per_class=2)
+    config = TrainConfig(data="imagefolder", data_path=str(tmp_path / "ds"))
+    assert data.build_source(config, "train").root == str(tmp_path / "ds" / "train")
+    with pytest.raises(ValueError, match="no val/ or test/ folder"):
+        data.build_source(config, "test")
+    make_image_folder(tmp_path / "ds" / "val", per_class=1)
+    assert len(data.build_source(config, "test")) == 2

@@ -286,3 +286,46 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
 
     save_checkpoint({"step": 3, "model": {}}, folder, keep_last=3)  # the next save cleans the stray file
     assert not any(name.endswith(".tmp") for name in os.listdir(folder))
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    """The README's main command, shortened: pictures, metrics, a falling loss and the kNN comparison."""
+    from mae_fast.cli import main
+
+    out = str(tmp_path / "demo")
+    assert main(["pretrain", "--demo", "--max-steps", "40", "--ckpt-every", "20", "--output-dir", out]) == 0
+    printed = capsys.readouterr().out
+    assert os.path.getsize(os.path.join(out, "loss_curve.png")) > 1000
+    assert sorted(os.listdir(os.path.join(out, "vis"))) == [
+        "reconstruction-00000020.png",
+        "reconstruction-00000040.png",
+    ]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert "pretrained 0." in printed and "same encoder at random init 0." in printed
+    report = load_checkpoint(
+        create_model("mae_vit_tiny_patch4_32", in_chans=1, img_size=28, **_demo_kwargs()),
+        os.path.join(out, "mae_pretrain.pth"),
+    )
+    assert str(report) == "all keys loaded"
+
+
+def _demo_kwargs():
+    from mae_fast.train.cli import DEMO
+
+    return DEMO["model_kwargs"]
+
+
+@pytest.mark.gpu
+def test_pretrain_on_the_gpu_with_the_kernels(tmp_path):
+    """bf16 autocast, backend auto (the kernels), pinned-memory loader with workers, DDP-free single GPU."""
+    config = tiny_config(tmp_path, device="cuda", backend="auto", num_workers=2, clip_grad=1.0, visualize=True)
+    result = pretrain(config)
+    assert result.step == 9 and result.skipped_steps == 0
+    assert all(np.isfinite(loss) for _, loss in result.history)
+    state = load_training_checkpoint(result.checkpoint)
+    assert all(v.device.type == "cpu" and torch.isfinite(v).all() for v in state["model"].values())
+    resumed = pretrain(tiny_config(tmp_path, device="cuda", backend="auto", epochs=4, resume="auto"))
+    assert resumed.step == 12

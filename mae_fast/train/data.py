@@ -264,19 +264,18 @@ class SyntheticBatches:
 
 
 def build_source(config, split: str = "train"):
-    """The labelled source of ``config.data`` (``fashion-mnist`` or ``imagefolder``)."""
+    """The labelled source of ``config.data`` for ``split`` "train" or "test": the embedded subset's
+    split, or for an ImageFolder DIR/train (else DIR itself) and DIR/val (else DIR/test)."""
     if config.data == "fashion-mnist":
         return FashionMNISTSubset(split)
     if config.data == "imagefolder":
-        root = config.data_path
-        if split != "train":
-            for name in (split, "val"):
-                if os.path.isdir(os.path.join(config.data_path, name)):
-                    root = os.path.join(config.data_path, name)
-                    break
-        elif os.path.isdir(os.path.join(config.data_path, "train")):
-            root = os.path.join(config.data_path, "train")
-        return ImageFolderSource(root)
+        if split == "train":
+            train = os.path.join(config.data_path, "train")
+            return ImageFolderSource(train if os.path.isdir(train) else config.data_path)
+        for name in ("val", "test"):
+            if os.path.isdir(os.path.join(config.data_path, name)):
+                return ImageFolderSource(os.path.join(config.data_path, name))
+        raise ValueError(f"data_path: {config.data_path} has no val/ or test/ folder to evaluate on")
     raise ValueError(f"data={config.data!r} has no labelled source")
 
 
