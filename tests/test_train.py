@@ -120,6 +120,15 @@ def test_checkpoints_kept_exported_and_loadable(tmp_path):
     assert os.path.getsize(os.path.join(config.output_dir, "loss_curve.png")) > 1000
 
 
+def test_a_fresh_run_does_not_silently_mix_with_old_checkpoints(tmp_path):
+    pretrain(tiny_config(tmp_path, max_steps=2))
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        pretrain(tiny_config(tmp_path, max_steps=1))
+    pretrain(tiny_config(tmp_path, max_steps=1, overwrite=True))
+    ckpts = list_checkpoints(os.path.join(tmp_path, "run", "checkpoints"))
+    assert [os.path.basename(p) for p in ckpts] == ["checkpoint-00000001.pt"]
+
+
 def _poison_loss(monkeypatch, bad_calls):
     """forward_loss returns NaN on the given (0-based) calls."""
     original = MaskedAutoencoderViT.forward_loss

@@ -26,6 +26,7 @@ DEMO = dict(
     output_dir="runs/demo",
     log_every=10,
     ckpt_every=200,
+    overwrite=True,
 )
 DEMO_KNN_TRAIN_LIMIT = 5_000
 
@@ -81,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", nargs="?", const="auto", default=None, help="a checkpoint, or the newest in the output dir"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace the checkpoints of an earlier run")
     parser.add_argument("--no-visualize", action="store_true", help="no PNGs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -100,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["norm_pix_loss"] = False
     if args.compile:
         values["compile"] = True
+    if args.overwrite:
+        values["overwrite"] = True
     if args.no_visualize:
         values["visualize"] = False
     if args.no_progress:

@@ -59,6 +59,7 @@ class TrainConfig:
     ckpt_every: int = 0  # steps; 0: at the end only (and on SIGTERM/SIGINT)
     keep_last: int = 3
     resume: str | None = None  # a checkpoint path, or "auto": the newest in output_dir
+    overwrite: bool = False  # a fresh run may replace the checkpoints already in output_dir
     visualize: bool = True
     num_vis: int = 8
     progress: bool = True

@@ -172,6 +172,16 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
 
     step, history = 0, []
     resume_path = checkpointing.resolve_resume(config.resume, ckpt_dir)
+    stale = checkpointing.list_checkpoints(ckpt_dir) if resume_path is None else []
+    if stale and not config.overwrite:
+        raise FileExistsError(
+            f"{ckpt_dir} already holds checkpoints of another run: resume it (--resume), choose another "
+            "--output-dir, or pass --overwrite to replace them"
+        )
+    distributed.barrier(ctx)
+    if stale and ctx.is_main:
+        for path in stale:
+            os.remove(path)
     if resume_path is not None:
         state = checkpointing.load_training_checkpoint(resume_path)
         distributed.load_full_state(model, optimizer, state["model"], state["optimizer"], config.sharding, ctx)
