@@ -155,8 +155,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             f.write(config.to_json() + "\n")
 
-    model = build_model(config, device)
-    core = model
+    core = model = build_model(config, device)  # core: the bare MAE, whatever wrapping follows
     train_data = data.build_train_data(config, core.img_size[0], core.num_patches, ctx.world_size, ctx.rank, device)
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
@@ -228,7 +227,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
             }
             path = checkpointing.save_checkpoint(state, ckpt_dir, config.keep_last)
             if vis_batch is not None:
-                _save_pictures(config, core, model_state, vis_batch, at_step)
+                _save_pictures(config, model_state, vis_batch, at_step)
         distributed.barrier(ctx)
         return path
 
@@ -317,7 +316,8 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
                                 f"{window_step + 1}..{step}; those updates were skipped, nothing was saved after "
                                 f"them (nonfinite='skip' goes on instead)"
                             )
-                        loss_sum.zero_(), good_steps.zero_(), bad_steps.zero_()
+                        for accumulator in (loss_sum, good_steps, bad_steps):
+                            accumulator.zero_()
                         window_start, window_step = time.perf_counter(), step
                         if n_stop:
                             result.interrupted = stop.signal_name or "SIGTERM"
@@ -375,7 +375,7 @@ def _vis_batch(config: TrainConfig, train_data, model) -> dict:
     return {"imgs": imgs, "noise": noise, "mean": mean, "std": std}
 
 
-def _save_pictures(config: TrainConfig, core, model_state: dict, vis_batch: dict, step: int) -> None:
+def _save_pictures(config: TrainConfig, model_state: dict, vis_batch: dict, step: int) -> None:
     """The reconstruction grid of ``vis_batch``, from a CPU copy of the weights (works for any sharding)."""
     from mae_fast.train.visualize import save_reconstruction_grid
 
