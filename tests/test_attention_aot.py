@@ -2,17 +2,12 @@
 
 Every default config that the launchers pick for the MAE shapes, and for the long-sequence fallback,
 must compile without register spills; the sm_90 forward must use tensor-core instructions.
-The builds run in one fresh process without TRITON_INTERPRET (under the interpreter @triton.jit gives
-functions that Triton's compiler cannot take).
+The builds run in one fresh process without TRITON_INTERPRET (tests/triton_aot.py).
 """
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 from mae_fast.kernels import attention as kernels
+from triton_aot import compile_reports
 
 CONSTEXPRS = ("VARLEN", "BLOCK_M", "BLOCK_N", "BLOCK_D", "UPCAST", "DOT_PRECISION", "WRITE_DQ")
 SHAPES = [  # (seqlen, head dim, archs)
@@ -68,38 +63,21 @@ def _jobs_for(seqlen: int, head_dim: int, arch: int) -> list[dict]:
     return jobs
 
 
-_AOT_SCRIPT = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from triton_aot import compile_report
-from mae_fast.kernels import attention as kernels
-CONSTEXPRS = set(json.loads(sys.argv[2]))
-
-def signature(fn, dtype):
-    out = {}
-    for name in fn.arg_names:
+def _signature(kernel: str, dtype: str) -> dict:
+    """Argument types by the kernels' naming: tensors are capitalised, scale is fp32, the rest i32."""
+    types = {}
+    for name in getattr(kernels, kernel).arg_names:
         if name in CONSTEXPRS:
-            out[name] = "constexpr"
-        elif name == "CU_SEQLENS":
-            out[name] = "*i32"
+            continue
+        if name == "CU_SEQLENS":
+            types[name] = "*i32"
         elif name == "LSE":
-            out[name] = "*fp32"
+            types[name] = "*fp32"
         elif name[0].isupper():
-            out[name] = "*" + dtype
+            types[name] = "*" + dtype
         else:
-            out[name] = "fp32" if name == "scale" else "i32"
-    return out
-
-reports = []
-for job in json.loads(sys.stdin.read()):
-    fn = getattr(kernels, job["kernel"])
-    report = compile_report(
-        fn, signature(fn, job["dtype"]), job["constexprs"], arch=job["arch"], num_warps=job["num_warps"],
-        num_stages=job["num_stages"],
-    )
-    reports.append({"job": job, "text": str(report), "spills": report.spills, "tensor_cores": report.uses_tensor_cores})
-print(json.dumps(reports))
-"""
+            types[name] = "fp32" if name == "scale" else "i32"
+    return types
 
 
 @pytest.fixture(scope="module")
@@ -108,30 +86,21 @@ def reports() -> list[dict]:
     fwd = kernels.forward_config(50, 64)
     jobs.append(_job("_attention_fwd_kernel", 90, fwd.block_m, fwd.block_n, fwd.block_d, fwd.num_warps, 1, "fp16"))
     jobs[-1]["label"] = "N=50 d=64 fp16"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT, os.path.dirname(__file__), json.dumps(CONSTEXPRS)],
-        input=json.dumps(jobs),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(out) == len(jobs)
+    for job in jobs:
+        job.update(module=kernels.__name__, signature=_signature(job["kernel"], job["dtype"]))
+    out = compile_reports(jobs)
     for report in out:
-        print(f"{report['job']['label']}: {report['text']}")
+        print(f"{report['label']}: {report['text']}")
     return out
 
 
 def test_default_configs_build_for_sm90_and_sm80_without_spills(reports):
-    assert {report["job"]["arch"] for report in reports} == {80, 90}
-    spilling = [f"{r['job']['label']}: {r['text']}" for r in reports if r["spills"]]
+    assert {report["arch"] for report in reports} == {80, 90}
+    spilling = [f"{r['label']}: {r['text']}" for r in reports if r["spills"]]
     assert not spilling, spilling
 
 
 def test_sm90_forward_uses_tensor_cores(reports):
-    forwards = [r for r in reports if r["job"]["kernel"] == "_attention_fwd_kernel" and r["job"]["arch"] == 90]
-    assert {r["job"]["dtype"] for r in forwards} == {"bf16", "fp16"}
+    forwards = [r for r in reports if r["kernel"] == "_attention_fwd_kernel" and r["arch"] == 90]
+    assert {r["dtype"] for r in forwards} == {"bf16", "fp16"}
     assert all(r["tensor_cores"] for r in forwards), [r["text"] for r in forwards]

@@ -10,16 +10,12 @@ computed in the kernel's own dtype, plus a small floor (the flash-attention rule
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from mae_fast.kernels import patch_embed as patch_embed_kernel
 from mae_fast.kernels import patchify_gather as gather_kernel
 from mae_fast.kernels import unshuffle as unshuffle_kernel
+from triton_aot import compile_reports
 
 from mae_fast import dispatch, ops, reference
 from mae_fast.models import create_model
@@ -563,39 +559,9 @@ def _aot_jobs():
     return [{"label": label.strip(), **dict(zip(keys, job, strict=True))} for label, job in jobs.items()]
 
 
-# Runs in a fresh process without TRITON_INTERPRET: under the interpreter @triton.jit gives functions
-# that Triton's compiler cannot take.
-_AOT_SCRIPT = """
-import importlib, json, sys
-sys.path.insert(0, sys.argv[1])
-from triton_aot import compile_report
-reports = []
-for job in json.loads(sys.stdin.read()):
-    kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
-    signature = {**job["signature"], **{name: "constexpr" for name in job["constexprs"]}}
-    report = compile_report(
-        kernel, signature, job["constexprs"], arch=job["arch"], num_warps=job["num_warps"], num_stages=job["num_stages"]
-    )
-    reports.append({"label": job["label"], "arch": job["arch"], "text": str(report), "spills": report.spills,
-                    "tensor_cores": report.uses_tensor_cores})
-print(json.dumps(reports))
-"""
-
-
 def test_kernels_compile_for_sm90_and_sm80_without_spills():
-    jobs = _aot_jobs()
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT, os.path.dirname(__file__)],
-        input=json.dumps(jobs),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(reports) == len(jobs) and {report["arch"] for report in reports} == {80, 90}
+    reports = compile_reports(_aot_jobs())
+    assert {report["arch"] for report in reports} == {80, 90}
     for report in reports:
         print(f"{report['label']}: {report['text']}")
     assert all(report["spills"] == 0 for report in reports), [r["text"] for r in reports if r["spills"]]

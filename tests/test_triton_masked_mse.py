@@ -3,14 +3,10 @@
 On a machine without a GPU the kernels run on CPU tensors through Triton's interpreter (conftest.py).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from mae_fast.kernels import masked_mse
+from triton_aot import compile_reports
 
 from mae_fast import dispatch, ops, reference
 
@@ -323,33 +319,8 @@ def aot_job(kernel, signature, constexprs, arch, num_warps, label):
     }
 
 
-# Runs in a fresh process without TRITON_INTERPRET: under the interpreter @triton.jit gives functions
-# that Triton's compiler cannot take.
-_AOT_SCRIPT = """
-import importlib, json, sys
-sys.path.insert(0, sys.argv[1])
-from triton_aot import compile_report
-reports = []
-for job in json.loads(sys.stdin.read()):
-    kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
-    report = compile_report(kernel, job["signature"], job["constexprs"], arch=job["arch"], num_warps=job["num_warps"])
-    reports.append({"label": job["label"], "arch": job["arch"], "text": str(report), "spills": report.spills})
-print(json.dumps(reports))
-"""
-
-
 def test_aot_compiles_for_sm90_and_sm80_without_spills():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT, os.path.dirname(__file__)],
-        input=json.dumps(_aot_jobs()),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    reports = compile_reports(_aot_jobs())
     assert {report["arch"] for report in reports} == set(AOT_ARCHS)
     assert len(reports) == len(AOT_ARCHS) * (len(AOT_PATCHES) + 2)
     for report in reports:

@@ -3,14 +3,10 @@
 On a machine without a GPU the kernel runs on CPU tensors through Triton's interpreter (conftest.py).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from mae_fast.kernels import random_masking as kernel
+from triton_aot import compile_reports
 
 from mae_fast import dispatch, ops, reference
 
@@ -161,21 +157,6 @@ def test_torch_compile_inductor_public_op_gpu():
     _assert_same(got, (ids_keep + 1, ids_restore, mask * 2))
 
 
-# Runs in a fresh process without TRITON_INTERPRET: under the interpreter @triton.jit gives functions
-# that Triton's compiler cannot take.
-_AOT_SCRIPT = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from triton_aot import compile_report
-from mae_fast.kernels import random_masking as kernel
-reports = []
-for job in json.loads(sys.stdin.read()):
-    report = compile_report(kernel._random_masking_kernel, job["signature"], job["constexprs"], arch=job["arch"])
-    reports.append({"label": job["label"], "arch": job["arch"], "text": str(report), "spills": report.spills})
-print(json.dumps(reports))
-"""
-
-
 def test_aot_compiles_for_sm90_and_sm80_without_spills():
     jobs = []
     for arch in (90, 80):
@@ -184,19 +165,17 @@ def test_aot_compiles_for_sm90_and_sm80_without_spills():
             signature |= {"mask_ptr": "*fp32", "length": "i32", "len_keep": "i32", "stride_nb": "i32"}
             signature |= dict.fromkeys(["stride_nl", "FLOAT64", "BLOCK_L", "BLOCK_M"], "constexpr")
             constexprs = {"stride_nl": 1, "FLOAT64": float64, "BLOCK_L": kernel.BLOCK_L, "BLOCK_M": kernel.BLOCK_M}
-            jobs.append({"signature": signature, "constexprs": constexprs, "arch": arch, "label": noise_type})
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT, os.path.dirname(__file__)],
-        input=json.dumps(jobs),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(reports) == len(jobs)
+            jobs.append(
+                {
+                    "module": kernel.__name__,
+                    "kernel": "_random_masking_kernel",
+                    "signature": signature,
+                    "constexprs": constexprs,
+                    "arch": arch,
+                    "label": noise_type,
+                }
+            )
+    reports = compile_reports(jobs)
     for report in reports:
         print(f"noise {report['label']}: {report['text']}")
     assert all(report["spills"] == 0 for report in reports), [r["text"] for r in reports if r["spills"]]

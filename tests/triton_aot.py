@@ -2,13 +2,18 @@
 
 ``compile_report`` runs Triton's full pipeline to PTX and cubin for an sm_XX target (this catches
 errors the interpreter accepts), then asks ptxas for the register and spill counts of the PTX.
+``compile_reports`` runs a batch of such builds in one fresh process without TRITON_INTERPRET: under
+the interpreter (as in the test process) @triton.jit gives functions Triton's compiler cannot take.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -74,3 +79,49 @@ def compile_report(
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return KernelReport(kernel.name, arch, registers, int(spills.group(1)), int(spills.group(2)), ptx)
+
+
+def compile_reports(jobs: list[dict]) -> list[dict]:
+    """Build every job in one subprocess; each result is the job plus text, registers, spills, tensor_cores.
+
+    A job names ``module`` and ``kernel``, gives ``signature`` (the types of the non-constexpr arguments),
+    ``constexprs``, ``arch`` and optionally ``num_warps`` (4), ``num_stages`` (3) and a ``label``.
+    """
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(reports) == len(jobs)
+    return reports
+
+
+def _build_jobs_from_stdin() -> None:
+    reports = []
+    for job in json.loads(sys.stdin.read()):
+        kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
+        types = {**job["signature"], **dict.fromkeys(job["constexprs"], "constexpr")}
+        signature = {name: types[name] for name in kernel.arg_names}
+        report = compile_report(
+            kernel, signature, job["constexprs"], job["arch"], job.get("num_warps", 4), job.get("num_stages", 3)
+        )
+        reports.append(
+            {
+                **job,
+                "text": str(report),
+                "registers": report.registers,
+                "spills": report.spills,
+                "tensor_cores": report.uses_tensor_cores,
+            }
+        )
+    print(json.dumps(reports))
+
+
+if __name__ == "__main__":
+    _build_jobs_from_stdin()
