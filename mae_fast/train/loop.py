@@ -178,8 +178,10 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
             "--output-dir, or pass --overwrite to replace them"
         )
     distributed.barrier(ctx)
-    if stale and ctx.is_main:
-        for path in stale:
+    if resume_path is None and ctx.is_main:  # a fresh run: drop what an earlier run left
+        pictures = os.path.join(config.output_dir, "vis")
+        old_pictures = [os.path.join(pictures, n) for n in os.listdir(pictures)] if os.path.isdir(pictures) else []
+        for path in stale + [p for p in old_pictures if os.path.basename(p).startswith("reconstruction-")]:
             os.remove(path)
     if resume_path is not None:
         state = checkpointing.load_training_checkpoint(resume_path)
