@@ -3,7 +3,10 @@
 # suite. Extra arguments go to pytest. pytest's "no tests collected" (exit 5) counts as a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MAE_FAST_BUILD_CUDA=1 bash scripts/setup_env.sh || { echo "setup failed"; exit 1; }
+TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAE_FAST_BUILD_CUDA=1 bash scripts/setup_env.sh || {
+  echo "setup failed"
+  exit 1
+}
 .venv/bin/ruff check . || exit 1
 .venv/bin/pytest "$@"
 status=$?
