@@ -6,8 +6,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_train import TINY, make_image_folder, tiny_config
 from torch.utils.data import DataLoader
+from train_helpers import TINY, make_image_folder, tiny_config
 
 from mae_fast.train import TrainConfig, data, pretrain
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_train import TINY
+from train_helpers import TINY
 
 from mae_fast.cli import main
 from mae_fast.train import TrainConfig, pretrain

@@ -15,54 +15,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from train_helpers import TINY, tiny_config
 
 from mae_fast.models import MaskedAutoencoderViT, create_model, load_checkpoint
 from mae_fast.train import NonFiniteLossError, TrainConfig, pretrain
 from mae_fast.train.checkpointing import latest_checkpoint, list_checkpoints, load_training_checkpoint
 from mae_fast.train.schedule import build_optimizer, lr_factor, param_groups
 
-TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_image_folder(root, per_class=12, classes=2, size=16, seed=0):
-    """root/<class>/<i>.png with random RGB images; returns root."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        folder = os.path.join(root, f"class{c}")
-        os.makedirs(folder, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.png"))
-    return str(root)
-
-
-def tiny_config(tmp_path, name="run", **overrides) -> TrainConfig:
-    """24 images, global batch 8: 3 steps per epoch."""
-    folder = tmp_path / "images"
-    if not folder.exists():
-        make_image_folder(folder)
-    values = dict(
-        model="mae_vit_tiny_patch4_32",
-        model_kwargs=TINY,
-        data="imagefolder",
-        data_path=str(folder),
-        img_size=16,
-        num_workers=0,
-        epochs=3,
-        warmup_epochs=1.0,
-        batch_size=8,
-        blr=1e-2,
-        output_dir=str(tmp_path / name),
-        log_every=1,
-        visualize=False,
-        progress=False,
-        device="cpu",
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def final_weights(result) -> dict:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from test_train import TINY, tiny_config
+from train_helpers import TINY, tiny_config
 
 from mae_fast.train import pretrain
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_train import TINY
+from train_helpers import TINY
 
 from mae_fast.cli import main
 from mae_fast.models import create_model
