@@ -24,6 +24,21 @@ from mae_fast.kernels._config import UPCAST_BF16
 
 
 @triton.jit
+def _this_sequence(CU_SEQLENS, seqlen, num_heads, VARLEN: tl.constexpr):
+    """(sequence, head, first token, length) of the (sequence, head) pair on grid axis 1."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + b).to(tl.int64)
+        n = tl.load(CU_SEQLENS + b + 1) - start
+    else:
+        start = 0
+        n = seqlen
+    return b, h, start, n
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q,
     K,
@@ -57,15 +72,7 @@ def _attention_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    if VARLEN:
-        start = tl.load(CU_SEQLENS + b).to(tl.int64)
-        n = tl.load(CU_SEQLENS + b + 1) - start
-    else:
-        start = 0
-        n = seqlen
+    b, h, start, n = _this_sequence(CU_SEQLENS, seqlen, num_heads, VARLEN)
     if pid_m * BLOCK_M >= n:
         return
 
@@ -172,15 +179,7 @@ def _attention_bwd_kv_kernel(
     """dk, dv of one key tile, looping over all query tiles; with WRITE_DQ (the tile holds every key of the
     sequence) also the complete dq of each query tile, so short sequences need one launch and no atomics."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    if VARLEN:
-        start = tl.load(CU_SEQLENS + b).to(tl.int64)
-        n = tl.load(CU_SEQLENS + b + 1) - start
-    else:
-        start = 0
-        n = seqlen
+    b, h, start, n = _this_sequence(CU_SEQLENS, seqlen, num_heads, VARLEN)
     if pid_n * BLOCK_N >= n:
         return
 
@@ -285,15 +284,7 @@ def _attention_bwd_q_kernel(
 ):
     """dq of one query tile, looping over the key tiles (long sequences only)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    if VARLEN:
-        start = tl.load(CU_SEQLENS + b).to(tl.int64)
-        n = tl.load(CU_SEQLENS + b + 1) - start
-    else:
-        start = 0
-        n = seqlen
+    b, h, start, n = _this_sequence(CU_SEQLENS, seqlen, num_heads, VARLEN)
     if pid_m * BLOCK_M >= n:
         return
 
