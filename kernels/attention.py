@@ -25,8 +25,9 @@ from mae_fast.kernels._config import UPCAST_BF16
 
 @triton.jit
 def _this_sequence(CU_SEQLENS, seqlen, num_heads, VARLEN: tl.constexpr):
-    """(sequence, head, first token, length) of the (sequence, head) pair on grid axis 1."""
-    pid_bh = tl.program_id(1)
+    """(sequence, head, first token, length) of the (sequence, head) pair on grid axis 0 (up to 2**31 - 1
+    programs; axes 1 and 2 stop at 65535)."""
+    pid_bh = tl.program_id(0)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     if VARLEN:
@@ -71,7 +72,7 @@ def _attention_fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b, h, start, n = _this_sequence(CU_SEQLENS, seqlen, num_heads, VARLEN)
     if pid_m * BLOCK_M >= n:
         return
@@ -178,7 +179,7 @@ def _attention_bwd_kv_kernel(
 ):
     """dk, dv of one key tile, looping over all query tiles; with WRITE_DQ (the tile holds every key of the
     sequence) also the complete dq of each query tile, so short sequences need one launch and no atomics."""
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b, h, start, n = _this_sequence(CU_SEQLENS, seqlen, num_heads, VARLEN)
     if pid_n * BLOCK_N >= n:
         return
@@ -283,7 +284,7 @@ def _attention_bwd_q_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """dq of one query tile, looping over the key tiles (long sequences only)."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b, h, start, n = _this_sequence(CU_SEQLENS, seqlen, num_heads, VARLEN)
     if pid_m * BLOCK_M >= n:
         return
@@ -464,7 +465,7 @@ def attention_forward(
     if seqs == 0 or heads == 0 or max_seqlen == 0 or q.numel() == 0:
         return
     cfg = forward_config(max_seqlen, head_dim)
-    grid = (triton.cdiv(max_seqlen, cfg.block_m), seqs * heads)
+    grid = (seqs * heads, triton.cdiv(max_seqlen, cfg.block_m))
     _attention_fwd_kernel[grid](
         q,
         k,
@@ -531,7 +532,7 @@ def attention_backward(
         *_strides(do, varlen),
         *_lse_strides(lse, varlen),
     )
-    grid = (triton.cdiv(max_seqlen, cfg.block_n), seqs * heads)
+    grid = (seqs * heads, triton.cdiv(max_seqlen, cfg.block_n))
     _attention_bwd_kv_kernel[grid](
         q,
         k,
@@ -556,7 +557,7 @@ def attention_backward(
     )
     if not cfg.single_tile:
         common.update(BLOCK_M=cfg.q_block_m, BLOCK_N=cfg.q_block_n, num_warps=cfg.q_num_warps, num_stages=1)
-        grid = (triton.cdiv(max_seqlen, cfg.q_block_m), seqs * heads)
+        grid = (seqs * heads, triton.cdiv(max_seqlen, cfg.q_block_m))
         _attention_bwd_q_kernel[grid](
             q, k, v, out, do, lse, dq, cu, *operands, *_strides(dq, varlen), seqlen, heads, head_dim, scale, **common
         )

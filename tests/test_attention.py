@@ -197,6 +197,28 @@ def test_triton_backend_refuses_what_it_cannot_run(device):
         ops.visible_attention(wide, wide, wide, backend="triton")
 
 
+def test_launch_grids_keep_axes_1_and_2_within_cuda_limit(monkeypatch):
+    """CUDA caps grid axes 1 and 2 at 65535 (the interpreter does not): B * H = 65536 (sequence, head)
+    pairs must go on axis 0, whichever kernel runs."""
+    from mae_fast.kernels import attention as kernels
+
+    grids = []
+
+    class _Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    for name in ("_attention_fwd_kernel", "_attention_bwd_kv_kernel", "_attention_bwd_q_kernel"):
+        monkeypatch.setattr(kernels, name, _Recorder())
+    for n in (50, 300):  # single-tile backward, then the separate dq kernel
+        q = torch.empty(4096, n, 16, 64).as_strided((4096, n, 16, 64), (0, 0, 0, 1))
+        kernels.attention_forward(q, q, q, q, torch.empty(1, 1, 1), None, n, 0.125)
+        kernels.attention_backward(q, q, q, q, q, torch.empty(1, 1, 1), q, q, q, None, n, 0.125)
+    assert len(grids) == 5
+    assert all(max(grid[1:]) <= 65535 for grid in grids), grids
+
+
 def test_cu_seqlens_and_max_seqlen_are_validated():
     q = torch.randn(10, 2, 16)
     good = torch.tensor([0, 4, 10], dtype=torch.int32)
