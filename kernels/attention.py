@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from mae_fast.kernels._config import UPCAST_BF16
+from mae_fast.kernels.patchify_gather import device_guard
 
 
 @triton.jit
@@ -466,31 +467,32 @@ def attention_forward(
         return
     cfg = forward_config(max_seqlen, head_dim)
     grid = (seqs * heads, triton.cdiv(max_seqlen, cfg.block_m))
-    _attention_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_seqlens if varlen else q,
-        *_strides(q, varlen),
-        *_strides(k, varlen),
-        *_strides(v, varlen),
-        *_strides(out, varlen),
-        *_lse_strides(lse, varlen),
-        seqlen,
-        heads,
-        head_dim,
-        scale,
-        VARLEN=varlen,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=cfg.block_d,
-        UPCAST=upcasts(q.dtype),
-        DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    with device_guard(q):
+        _attention_fwd_kernel[grid](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens if varlen else q,
+            *_strides(q, varlen),
+            *_strides(k, varlen),
+            *_strides(v, varlen),
+            *_strides(out, varlen),
+            *_lse_strides(lse, varlen),
+            seqlen,
+            heads,
+            head_dim,
+            scale,
+            VARLEN=varlen,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_D=cfg.block_d,
+            UPCAST=upcasts(q.dtype),
+            DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
 
 
 def attention_backward(
@@ -533,31 +535,47 @@ def attention_backward(
         *_lse_strides(lse, varlen),
     )
     grid = (seqs * heads, triton.cdiv(max_seqlen, cfg.block_n))
-    _attention_bwd_kv_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        do,
-        lse,
-        dq,
-        dk,
-        dv,
-        cu,
-        *operands,
-        *_strides(dq, varlen),
-        *_strides(dk, varlen),
-        *_strides(dv, varlen),
-        seqlen,
-        heads,
-        head_dim,
-        scale,
-        WRITE_DQ=cfg.single_tile,
-        **common,
-    )
+    with device_guard(q):
+        _attention_bwd_kv_kernel[grid](
+            q,
+            k,
+            v,
+            out,
+            do,
+            lse,
+            dq,
+            dk,
+            dv,
+            cu,
+            *operands,
+            *_strides(dq, varlen),
+            *_strides(dk, varlen),
+            *_strides(dv, varlen),
+            seqlen,
+            heads,
+            head_dim,
+            scale,
+            WRITE_DQ=cfg.single_tile,
+            **common,
+        )
     if not cfg.single_tile:
         common.update(BLOCK_M=cfg.q_block_m, BLOCK_N=cfg.q_block_n, num_warps=cfg.q_num_warps, num_stages=1)
         grid = (seqs * heads, triton.cdiv(max_seqlen, cfg.q_block_m))
-        _attention_bwd_q_kernel[grid](
-            q, k, v, out, do, lse, dq, cu, *operands, *_strides(dq, varlen), seqlen, heads, head_dim, scale, **common
-        )
+        with device_guard(q):
+            _attention_bwd_q_kernel[grid](
+                q,
+                k,
+                v,
+                out,
+                do,
+                lse,
+                dq,
+                cu,
+                *operands,
+                *_strides(dq, varlen),
+                seqlen,
+                heads,
+                head_dim,
+                scale,
+                **common,
+            )

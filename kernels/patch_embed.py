@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from mae_fast.kernels._config import UPCAST_BF16
-from mae_fast.kernels.patchify_gather import new_output
+from mae_fast.kernels.patchify_gather import device_guard, new_output
 
 BLOCK_M = 64
 NUM_WARPS = 8
@@ -123,12 +123,13 @@ def forward(
     pos_arg = pos_embed.contiguous() if pos_embed is not None else wt
     bn = block_n(dim)
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(dim, bn))
-    _patch_embed_kernel[grid](
-        imgs, ids, wt, bias_arg, pos_arg, out, m, dim, k, w // p, *imgs.stride(),
-        P=p, C=c, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
-        UPCAST=UPCAST_BF16 and imgs.dtype == torch.bfloat16, PRECISION=dot_precision(imgs.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=block_k(imgs.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )  # fmt: skip
+    with device_guard(imgs):
+        _patch_embed_kernel[grid](
+            imgs, ids, wt, bias_arg, pos_arg, out, m, dim, k, w // p, *imgs.stride(),
+            P=p, C=c, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
+            UPCAST=UPCAST_BF16 and imgs.dtype == torch.bfloat16, PRECISION=dot_precision(imgs.dtype),
+            BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=block_k(imgs.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )  # fmt: skip
     return out
 
 
@@ -142,5 +143,6 @@ def pos_embed_grad(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_patches: 
     out = new_output((num_patches, dim), torch.float32, grad_out.device)
     block_l, bn = 16, block_n(dim)
     grid = (triton.cdiv(num_patches, block_l), triton.cdiv(dim, bn))
-    _pos_grad_kernel[grid](grad_out.contiguous(), inverse, out, b, k, num_patches, dim, BLOCK_L=block_l, BLOCK_N=bn)
+    with device_guard(grad_out):
+        _pos_grad_kernel[grid](grad_out.contiguous(), inverse, out, b, k, num_patches, dim, BLOCK_L=block_l, BLOCK_N=bn)
     return out

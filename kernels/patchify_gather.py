@@ -11,6 +11,7 @@ Pure data movement: no arithmetic, so bf16 needs no interpreter upcast here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -27,6 +28,11 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if os.environ.get(POISON_ENV) == "1":
         out.fill_(float("nan"))
     return out
+
+
+def device_guard(tensor: torch.Tensor):
+    """Launch on ``tensor``'s GPU: Triton launches on the current device and its current stream."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 @triton.jit
@@ -109,10 +115,11 @@ def gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, conv_ord
         return out
     ids = ids_keep.contiguous()
     grid, block_pix, block_c = _grid(b * k, patch_size, c)
-    _gather_kernel[grid](
-        imgs, ids, out, k, w // patch_size, *imgs.stride(),
-        P=patch_size, C=c, CONV_ORDER=conv_order, BLOCK_PIX=block_pix, BLOCK_C=block_c,
-    )  # fmt: skip
+    with device_guard(imgs):
+        _gather_kernel[grid](
+            imgs, ids, out, k, w // patch_size, *imgs.stride(),
+            P=patch_size, C=c, CONV_ORDER=conv_order, BLOCK_PIX=block_pix, BLOCK_C=block_c,
+        )  # fmt: skip
     return out
 
 
@@ -128,8 +135,9 @@ def scatter(
     src = patches.contiguous()
     ids = ids_keep.contiguous()
     grid, block_pix, block_c = _grid(b * k, patch_size, c)
-    _scatter_kernel[grid](
-        src, ids, imgs, k, width // patch_size, *imgs.stride(),
-        P=patch_size, C=c, CONV_ORDER=conv_order, BLOCK_PIX=block_pix, BLOCK_C=block_c,
-    )  # fmt: skip
+    with device_guard(imgs):
+        _scatter_kernel[grid](
+            src, ids, imgs, k, width // patch_size, *imgs.stride(),
+            P=patch_size, C=c, CONV_ORDER=conv_order, BLOCK_PIX=block_pix, BLOCK_C=block_c,
+        )  # fmt: skip
     return imgs

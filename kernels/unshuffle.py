@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mae_fast.kernels.patchify_gather import new_output
+from mae_fast.kernels.patchify_gather import device_guard, new_output
 
 BLOCK_ROWS = 8
 
@@ -84,10 +84,11 @@ def forward(
     pos_arg = pos_embed.contiguous() if pos_embed is not None else x
     bn = block_n(dim)
     grid = (b, triton.cdiv(length + 1, BLOCK_ROWS), triton.cdiv(dim, bn))
-    _unshuffle_kernel[grid](
-        x.contiguous(), mask_token.contiguous(), ids_restore.contiguous(), pos_arg, out, k1 - 1, length, dim,
-        HAS_POS=pos_embed is not None, BLOCK_R=BLOCK_ROWS, BLOCK_N=bn,
-    )  # fmt: skip
+    with device_guard(x):
+        _unshuffle_kernel[grid](
+            x.contiguous(), mask_token.contiguous(), ids_restore.contiguous(), pos_arg, out, k1 - 1, length, dim,
+            HAS_POS=pos_embed is not None, BLOCK_R=BLOCK_ROWS, BLOCK_N=bn,
+        )  # fmt: skip
     return out
 
 
@@ -98,8 +99,9 @@ def backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, num_visible: int
     grad_x = new_output((b, num_visible + 1, dim), grad_out.dtype, grad_out.device)
     partial = new_output((b, dim), torch.float32, grad_out.device)
     bn = block_n(dim)
-    _unshuffle_backward_kernel[(b, triton.cdiv(dim, bn))](
-        grad_out.contiguous(), ids_restore.contiguous(), grad_x, partial, num_visible, l1 - 1, dim,
-        BLOCK_R=BLOCK_ROWS, BLOCK_N=bn,
-    )  # fmt: skip
+    with device_guard(grad_out):
+        _unshuffle_backward_kernel[(b, triton.cdiv(dim, bn))](
+            grad_out.contiguous(), ids_restore.contiguous(), grad_x, partial, num_visible, l1 - 1, dim,
+            BLOCK_R=BLOCK_ROWS, BLOCK_N=bn,
+        )  # fmt: skip
     return grad_x, partial
