@@ -201,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> unshuffle_mask_tokens_backward_cuda(const at:
   const at::Tensor ids = ids_restore_in.contiguous();
   at::Tensor grad_x = at::empty({batch, len_keep + 1, dim}, grad.options());
   at::Tensor grad_mask_token = at::empty({mask_token_grad ? dim : 0}, grad.options().dtype(at::kFloat));
-  if (grad_x.numel() == 0) return {grad_x, grad_mask_token};
+  if (grad_x.numel() == 0) return {grad_x, grad_mask_token.zero_()};  // B == 0: the mask token gets no gradient
   MAE_FAST_DISPATCH_FLOATING(grad.scalar_type(), "unshuffle_mask_tokens_backward_cuda", [&] {
     const int vec = vector_width<scalar_t>(dim, {grad.const_data_ptr(), grad_x.const_data_ptr()});
     const auto stream = c10::cuda::getCurrentCUDAStream();
