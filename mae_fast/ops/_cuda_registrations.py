@@ -195,7 +195,8 @@ def _unshuffle_backward(ctx, grad):
 
 
 def _masked_mse_loss_fake(pred, imgs, mask, patch_size, norm_pix, eps):
-    return pred.new_empty((), dtype=torch.float32), torch.empty_like(pred)
+    # The kernel writes the gradient of pred.contiguous(): a contiguous tensor, whatever pred's strides.
+    return pred.new_empty((), dtype=torch.float32), torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
 def _masked_mse_loss_setup(ctx, inputs, output):
