@@ -5,6 +5,7 @@ stores truncate, so kernels load bf16 as fp32 when ``UPCAST_BF16`` is set (a con
 the GPU build keeps bf16 tensor-core dots).
 """
 
+import contextlib
 import os
 
 import torch
@@ -14,3 +15,8 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 UPCAST_BF16 = INTERPRETING
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def device_guard(tensor: torch.Tensor):
+    """Launch on ``tensor``'s GPU: Triton launches on the current device and its current stream."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from mae_fast.kernels._config import UPCAST_BF16
-from mae_fast.kernels.patchify_gather import device_guard
+from mae_fast.kernels._config import UPCAST_BF16, device_guard
 
 
 @triton.jit

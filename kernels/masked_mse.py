@@ -24,12 +24,10 @@ The image is a constant of the loss in MAE (it never requires grad), so this op 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
-from mae_fast.kernels._config import TL_DTYPES, UPCAST_BF16
+from mae_fast.kernels._config import TL_DTYPES, UPCAST_BF16, device_guard
 
 #: Largest patch (p*p*C values) one program holds in registers; larger patches use the reference.
 MAX_PATCH_VALUES = 8192
@@ -172,10 +170,6 @@ def _rounds_bf16(out: torch.Tensor) -> bool:
     return UPCAST_BF16 and out.dtype == torch.bfloat16
 
 
-def _device_guard(tensor: torch.Tensor):
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _float_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype in TL_DTYPES else mask.to(torch.float32)
 
@@ -223,7 +217,7 @@ def forward_into(
     mask = _float_mask(mask)
     block_m, block_n, num_warps = forward_config(values)
     programs = partials.shape[1]
-    with _device_guard(pred):
+    with device_guard(pred):
         _masked_mse_forward_kernel[(programs,)](
             pred,
             imgs,
@@ -255,7 +249,7 @@ def backward_into(grad_loss: torch.Tensor, residual: torch.Tensor, mask_sum: tor
     numel = residual.numel()
     if numel == 0:
         return
-    with _device_guard(residual):
+    with device_guard(residual):
         _masked_mse_backward_kernel[(triton.cdiv(numel, _BACKWARD_BLOCK),)](
             residual,
             grad_loss,

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mae_fast.kernels._config import UPCAST_BF16
-from mae_fast.kernels.patchify_gather import device_guard, new_output
+from mae_fast.kernels._config import UPCAST_BF16, device_guard
+from mae_fast.kernels.patchify_gather import new_output
 
 BLOCK_M = 64
 NUM_WARPS = 8

@@ -11,12 +11,12 @@ Pure data movement: no arithmetic, so bf16 needs no interpreter upcast here.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+from mae_fast.kernels._config import device_guard
 
 POISON_ENV = "MAE_FAST_POISON_OUTPUTS"
 """When this environment variable is "1", kernel outputs start as NaN (tests: an unwritten element fails)."""
@@ -28,11 +28,6 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if os.environ.get(POISON_ENV) == "1":
         out.fill_(float("nan"))
     return out
-
-
-def device_guard(tensor: torch.Tensor):
-    """Launch on ``tensor``'s GPU: Triton launches on the current device and its current stream."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 @triton.jit

@@ -18,11 +18,10 @@ fp16/bf16/fp32 noise is compared in fp32 (exact, order preserving), float64 in f
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+from mae_fast.kernels._config import device_guard
 
 BLOCK_L = 16  # with BLOCK_M = 128: 40 registers on sm_90, no spills
 BLOCK_M = 128
@@ -71,10 +70,6 @@ def _random_masking_kernel(
     tl.store(ids_keep_ptr + row * len_keep + rank, patch.to(tl.int64), mask=patch_ok & (rank < len_keep))
 
 
-def _device_guard(tensor: torch.Tensor):
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def random_masking_into(
     noise: torch.Tensor, len_keep: int, ids_keep: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor
 ) -> None:
@@ -84,7 +79,7 @@ def random_masking_into(
     """
     batch, length = noise.shape
     grid = (batch, triton.cdiv(length, BLOCK_L))
-    with _device_guard(noise):
+    with device_guard(noise):
         _random_masking_kernel[grid](
             noise,
             ids_keep,

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mae_fast.kernels.patchify_gather import device_guard, new_output
+from mae_fast.kernels._config import device_guard
+from mae_fast.kernels.patchify_gather import new_output
 
 BLOCK_ROWS = 8
 
