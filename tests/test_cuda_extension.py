@@ -199,6 +199,9 @@ def test_other_support_reasons():
     x = torch.randn(2, 3, 16, requires_grad=True)
     ids_restore = torch.zeros(2, 5000, dtype=torch.long)
     assert "4096" in cuda_backends.unshuffle_mask_tokens_support(x, torch.randn(16), ids_restore, None)
+    token = torch.randn(16, requires_grad=True)  # the backward also runs for the mask token alone
+    assert "4096" in cuda_backends.unshuffle_mask_tokens_support(x.detach(), token, ids_restore, None)
+    assert cuda_backends.unshuffle_mask_tokens_support(x.detach(), token.detach(), ids_restore, None) is None
 
 
 # --- the compiler's register / spill report ------------------------------------------------------------

@@ -116,7 +116,8 @@ def unshuffle_mask_tokens_support(x, mask_token, ids_restore, pos_embed) -> str 
     reason = _first(
         _dtype_reason("x", x), _dtype_reason("mask_token", mask_token), _dtype_reason("pos_embed", pos_embed)
     )
-    if reason is None and x.requires_grad:
+    needs_backward = any(t is not None and t.requires_grad for t in (x, mask_token, pos_embed))
+    if reason is None and needs_backward:  # the backward kernel runs for any of the three gradients
         reason = _scatter_reason(x.shape[0], ids_restore.shape[1], 0, "unshuffle_mask_tokens")
     return reason
 
