@@ -54,11 +54,11 @@ def images(imgs, patch_size: int, name: str = "imgs") -> tuple[int, int, int, in
     return b, c, h // patch_size, w // patch_size
 
 
-def _check_ranges_now(ids: torch.Tensor) -> bool:
+def host_checks_enabled(tensor: torch.Tensor) -> bool:
     """Value checks need the data on the host: only on the CPU or when asked, and never while tracing."""
     if torch.compiler.is_compiling():
         return False
-    return ids.device.type == "cpu" or os.environ.get("MAE_FAST_CHECK_INDICES") == "1"
+    return tensor.device.type == "cpu" or os.environ.get("MAE_FAST_CHECK_INDICES") == "1"
 
 
 def indices(ids, name: str, batch: int, upper: int, length: int | None = None) -> None:
@@ -70,7 +70,7 @@ def indices(ids, name: str, batch: int, upper: int, length: int | None = None) -
         raise ValueError(f"{name} batch size {ids.shape[0]} does not match the input batch size {batch}")
     if length is not None and ids.shape[1] != length:
         raise ValueError(f"{name} must have {length} columns, got shape {tuple(ids.shape)}")
-    if ids.numel() and _check_ranges_now(ids):
+    if ids.numel() and host_checks_enabled(ids):
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= upper:
             raise ValueError(f"{name} values must lie in [0, {upper}), got values in [{low}, {high}]")

@@ -85,13 +85,17 @@ def qkv_attention(
 
 
 def validate_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> None:
-    """int32 [S+1], starting at 0, non-decreasing, ending at total_tokens (values checked on the CPU only)."""
+    """int32 [S+1], starting at 0, non-decreasing, ending at total_tokens.
+
+    The values are checked where index values are (_validate.host_checks_enabled: on the CPU, or on a GPU
+    with MAE_FAST_CHECK_INDICES=1, never while tracing): on a GPU the check would sync every call.
+    """
     _validate.tensor(cu_seqlens, "cu_seqlens", 1)
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold at least 2 offsets, got {cu_seqlens.numel()}")
-    if cu_seqlens.device.type == "cpu":
+    if _validate.host_checks_enabled(cu_seqlens):
         values = cu_seqlens.tolist()
         if values[0] != 0 or values[-1] != total_tokens:
             raise ValueError(
@@ -108,7 +112,7 @@ def _validate_max_seqlen(max_seqlen, cu_seqlens: torch.Tensor | None, fixed_leng
         raise ValueError(f"max_seqlen must be a non-negative Python int or None, got {max_seqlen!r}")
     if fixed_length is not None and max_seqlen != fixed_length:
         raise ValueError(f"max_seqlen={max_seqlen} does not match the sequence length {fixed_length}")
-    if cu_seqlens is not None and cu_seqlens.device.type == "cpu":
+    if cu_seqlens is not None and _validate.host_checks_enabled(cu_seqlens):
         longest = _longest(cu_seqlens)
         if max_seqlen < longest:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence in cu_seqlens ({longest})")

@@ -37,7 +37,7 @@ def random_masking(
         _validate.tensor(noise, "noise", 2, _validate.FLOAT_DTYPES)
         if tuple(noise.shape) != (batch_size, num_patches):
             raise ValueError(f"noise must have shape [{batch_size}, {num_patches}], got {tuple(noise.shape)}")
-        if _validate._check_ranges_now(noise) and bool(noise.isnan().any()):
+        if _validate.host_checks_enabled(noise) and bool(noise.isnan().any()):
             raise ValueError("noise must not contain NaN (its order would be meaningless)")
     return dispatch.dispatch("random_masking", noise, len_keep, backend=backend)
 

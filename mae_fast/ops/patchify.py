@@ -121,7 +121,7 @@ def repeated_ids_reason(ids: torch.Tensor, name: str, permutation: bool = False)
     """Why ``ids`` [B, n] cannot go to the Triton kernels, or None: their backward scatters without atomics,
     so the ids of a row must be distinct (``permutation``: a permutation of 0..n-1). Checked where the
     index ranges are (on the CPU, or with MAE_FAST_CHECK_INDICES=1): on a GPU it would sync every step."""
-    if ids.numel() == 0 or not _validate._check_ranges_now(ids):
+    if ids.numel() == 0 or not _validate.host_checks_enabled(ids):
         return None
     ordered = ids.sort(dim=1).values
     if permutation:
