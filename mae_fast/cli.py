@@ -12,7 +12,6 @@ import sys
 
 SUBCOMMANDS = {
     "info": ("mae_fast.info", "print versions, the GPU, the extension and the backend each op would use"),
-    "demo": ("mae_fast.demo", "a short forward/backward of a small MAE on random images, with timings"),
     "bench": ("mae_fast.bench", "benchmark every op and the training step against their PyTorch peers"),
     "pretrain": ("mae_fast.train.cli", "MAE pretraining (--demo: the README's demo on the embedded data)"),
     "visualize": ("mae_fast.train.visualize", "reconstruction grid of a pretrained MAE for image files"),
