@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 
 @dataclass
@@ -64,31 +65,21 @@ def wrap(model: nn.Module, ctx: DistContext, sharding: str, device: torch.device
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+def full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """(model state_dict, optimizer state_dict), whole and on the CPU; collective under FSDP2.
+
+    One format for one process, DDP and FSDP2 (torch.distributed.checkpoint's full state dicts: the
+    optimizer's state keyed by parameter name), so a checkpoint resumes under any sharding and any number
+    of processes. Under FSDP2 only rank 0 gets the tensors (the others get empty dicts).
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=options)
 
 
-def full_state(model: nn.Module, optimizer, sharding: str, ctx: DistContext) -> tuple[dict, dict]:
-    """(model state_dict, optimizer state_dict), whole and on the CPU; collective under FSDP2."""
-    if ctx.distributed and sharding == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_state_dict(model, optimizer, options=options)
-    model_state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    return model_state, optimizer.state_dict()
-
-
-def load_full_state(model: nn.Module, optimizer, model_state: dict, optim_state: dict, sharding: str, ctx) -> None:
+def load_full_state(model: nn.Module, optimizer, model_state: dict, optim_state: dict) -> None:
     """Inverse of :func:`full_state` (every rank passes the whole state)."""
-    if ctx.distributed and sharding == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        options = StateDictOptions(full_state_dict=True)
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
-        return
-    unwrap(model).load_state_dict(model_state)
-    optimizer.load_state_dict(optim_state)
+    options = StateDictOptions(full_state_dict=True)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
 
 
 def all_gather_objects(obj, ctx: DistContext) -> list:

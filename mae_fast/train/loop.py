@@ -185,7 +185,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
             os.remove(path)
     if resume_path is not None:
         state = checkpointing.load_training_checkpoint(resume_path)
-        distributed.load_full_state(model, optimizer, state["model"], state["optimizer"], config.sharding, ctx)
+        distributed.load_full_state(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), [tuple(h) for h in state["metrics"]["history"]]
         rngs = state["rng"]
@@ -208,7 +208,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
         progress = tqdm(total=end_step, initial=step, unit="step", dynamic_ncols=True, desc="pretrain")
 
     def save(at_step: int) -> str | None:
-        model_state, optim_state = distributed.full_state(model, optimizer, config.sharding, ctx)
+        model_state, optim_state = distributed.full_state(model, optimizer)
         rngs = distributed.all_gather_objects(checkpointing.rng_state(), ctx)
         path = None
         if ctx.is_main:
@@ -335,7 +335,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
                 metrics.close()
 
     result.checkpoint = save(step)
-    model_state, _ = distributed.full_state(model, optimizer, config.sharding, ctx)
+    model_state, _ = distributed.full_state(model, optimizer)
     if ctx.is_main:
         result.export = os.path.join(config.output_dir, "mae_pretrain.pth")
         checkpointing.atomic_save({"model": model_state, "args": config.to_dict()}, result.export)
