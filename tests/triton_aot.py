@@ -1,7 +1,10 @@
 """Ahead-of-time compilation of Triton kernels for real GPU targets, without a GPU.
 
 ``compile_report`` runs Triton's full pipeline to PTX and cubin for an sm_XX target (this catches
-errors the interpreter accepts), then asks ptxas for the register and spill counts of the PTX.
+errors the interpreter accepts), then asks ptxas for the register and spill counts of the PTX; the
+shared memory the kernel needs comes from Triton's metadata. A kernel that needs more shared memory than
+one block of that architecture can have compiles fine but fails at launch ("out of resource"), so
+``compile_reports`` refuses it.
 ``compile_reports`` runs a batch of such builds in one fresh process without TRITON_INTERPRET: under
 the interpreter (as in the test process) @triton.jit gives functions Triton's compiler cannot take.
 """
@@ -20,6 +23,9 @@ from dataclasses import dataclass
 import triton
 from triton.backends.compiler import GPUTarget
 
+#: The most shared memory one block can use (the opt-in maximum, bytes), per compute capability.
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
 
 @dataclass
 class KernelReport:
@@ -28,6 +34,7 @@ class KernelReport:
     registers: int
     spill_stores: int
     spill_loads: int
+    shared_bytes: int
     ptx: str
 
     @property
@@ -42,7 +49,8 @@ class KernelReport:
         cores = "tensor cores" if self.uses_tensor_cores else "no tensor-core instruction"
         return (
             f"{self.name} sm_{self.arch}: {self.registers} registers, "
-            f"{self.spill_stores} B spill stores, {self.spill_loads} B spill loads, {cores}"
+            f"{self.spill_stores} B spill stores, {self.spill_loads} B spill loads, "
+            f"{self.shared_bytes} B shared memory, {cores}"
         )
 
 
@@ -78,11 +86,13 @@ def compile_report(
     log = result.stdout + result.stderr
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return KernelReport(kernel.name, arch, registers, int(spills.group(1)), int(spills.group(2)), ptx)
+    shared = int(kernel.metadata.shared)
+    return KernelReport(kernel.name, arch, registers, int(spills.group(1)), int(spills.group(2)), shared, ptx)
 
 
 def compile_reports(jobs: list[dict]) -> list[dict]:
-    """Build every job in one subprocess; each result is the job plus text, registers, spills, tensor_cores.
+    """Build every job in one subprocess; each result is the job plus text, registers, spills, shared_bytes
+    and tensor_cores. Fails when a kernel needs more shared memory than a block of its target can have.
 
     A job names ``module`` and ``kernel``, gives ``signature`` (the types of the non-constexpr arguments),
     ``constexprs``, ``arch`` and optionally ``num_warps`` (4), ``num_stages`` (3) and a ``label``.
@@ -99,6 +109,12 @@ def compile_reports(jobs: list[dict]) -> list[dict]:
     assert result.returncode == 0, result.stderr[-4000:]
     reports = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(reports) == len(jobs)
+    too_big = [
+        f"{r['text']} (one sm_{r['arch']} block can have {MAX_SHARED_BYTES[r['arch']]} B)"
+        for r in reports
+        if r["shared_bytes"] > MAX_SHARED_BYTES[r["arch"]]
+    ]
+    assert not too_big, too_big
     return reports
 
 
@@ -117,6 +133,7 @@ def _build_jobs_from_stdin() -> None:
                 "text": str(report),
                 "registers": report.registers,
                 "spills": report.spills,
+                "shared_bytes": report.shared_bytes,
                 "tensor_cores": report.uses_tensor_cores,
             }
         )
