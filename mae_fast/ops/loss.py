@@ -20,7 +20,9 @@ def masked_mse_loss(
     """0-d fp32 loss: pred [B, L, p*p*C] against patchify(imgs [B, C, H, W]), mask [B, L] (1 = removed).
 
     With norm_pix, each target patch is (t - mean) / sqrt(var + eps) with the unbiased variance; the
-    per-patch MSE is averaged over the patches with mask == 1.
+    per-patch MSE is averaged over the patches with mask == 1. The "triton" backend computes pred's
+    gradient in the forward and its backward hands that buffer out, so it backpropagates once per
+    forward: a second backward through the same graph (retain_graph=True) raises; "reference" allows it.
     """
     b, c, gh, gw = _validate.images(imgs, patch_size)
     _validate.tensor(pred, "pred", 3, _validate.FLOAT_DTYPES)
