@@ -523,22 +523,32 @@ def _row(case: Case, provider: str, mode: str, status: str, reason: str | None =
 
 
 def _timed_fn(case: Case, fn: Callable, sets: list[tuple], mode: str, grad_out, device):
-    """(closure to time, tensors whose .grad do_bench resets) for one mode, cycling over input sets."""
+    """(closure to time, tensors whose .grad is reset, set-up to run untimed before each call or None) for
+    one mode, cycling over input sets. "bwd" runs a fresh forward before each timed backward: a backward
+    may free what its forward saved (the Triton masked_mse_loss hands out its saved gradient)."""
     leaves = [detached_inputs(inputs, case.grad_inputs) for inputs in sets]
     resets = [leaf[i] for leaf in leaves for i in case.grad_inputs]
     order = itertools.cycle(range(len(leaves)))
     if mode == "fwd":
-        return (lambda: _forward(case, fn, leaves[next(order)], device)), resets
+        return (lambda: _forward(case, fn, leaves[next(order)], device)), resets, None
     if mode == "fwd+bwd":
 
         def step():
             out = _forward(case, fn, leaves[next(order)], device)
             out.backward(grad_out.to(out.dtype))
 
-        return step, resets
-    outs = [_forward(case, fn, leaf, device) for leaf in leaves]
-    grads = [grad_out.to(out.dtype) for out in outs]
-    return (lambda: (lambda i: outs[i].backward(grads[i], retain_graph=True))(next(order))), resets
+        return step, resets, None
+    pending = []
+
+    def forward():
+        out = _forward(case, fn, leaves[next(order)], device)
+        pending.append((out, grad_out.to(out.dtype)))
+
+    def backward():
+        out, grad = pending.pop()
+        out.backward(grad)
+
+    return backward, resets, forward
 
 
 def run_case(
@@ -582,8 +592,11 @@ def run_case(
             continue
         for mode in case.modes:
             try:
-                fn, resets = _timed_fn(case, provider.fn, sets, mode, grad_out, device)
-                timing = harness.measure(fn, device, resets, smoke, rep_ms)
+                fn, resets, setup = _timed_fn(case, provider.fn, sets, mode, grad_out, device)
+                if setup is None:
+                    timing = harness.measure(fn, device, resets, smoke, rep_ms)
+                else:
+                    timing = harness.measure_with_setup(setup, fn, device, resets, smoke, rep_ms)
             except Exception as error:  # e.g. out of memory in one mode: record it, time the others
                 rows.append(_row(case, provider.name, mode, "error", _message(error), **check))
                 continue

@@ -224,8 +224,10 @@ def test_smoke_run_checks_times_and_writes_valid_results(tmp_path):
             assert row["status"] in ("ok", "skipped"), row
         if row["status"] == "ok" and row["kind"] == "kernel":
             assert row["gbps"] > 0 and "not a GPU claim" in row["timer"]
-    modes = {r["mode"] for r in rows if r["op"] == "masked_mse_loss" and r["section"] == "kernels"}
-    assert modes == {"fwd", "bwd", "fwd+bwd"}
+    loss_rows = [r for r in rows if r["op"] == "masked_mse_loss" and r["section"] == "kernels"]
+    assert {r["mode"] for r in loss_rows} == {"fwd", "bwd", "fwd+bwd"}
+    # its Triton backward hands out the saved gradient, once per forward: "bwd" times a fresh one each call
+    assert all(r["status"] == "ok" for r in loss_rows if r["provider"] == "triton"), loss_rows
     assert {r["mode"] for r in rows if r["section"] == "sweep"} == {"fwd", "fwd+bwd"}
     compiled = [r for r in rows if r["provider"].endswith("compiled")]
     assert compiled and all(r["status"] == "skipped" and "--smoke" in r["reason"] for r in compiled)
