@@ -1,0 +1,267 @@
+"""The CUDA C++ kernels of csrc/, run on the CPU under tests/cuda_emulation, against the float64 reference.
+
+No GPU is needed: tests/cuda_emulation/build.py compiles csrc/ with the host compiler, each CUDA thread a
+coroutine (see runtime.h for what the emulation checks and what it cannot). The ops are the raw ones of
+csrc/mae_fast.cpp under the namespace ``mae_fast_emu``, forward and backward, on the shapes of
+tests/test_cuda_ops.py (which runs the same kernels on a GPU, through the dispatcher, when one is lent).
+A pass here says the kernels' logic is right; it says nothing of their speed or of GPU-only failures.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+from cuda_emulation import build as emulation
+
+from mae_fast import reference
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if shutil.which("c++") is None:
+        pytest.skip("no host C++ compiler: the CUDA emulation cannot be built (these tests did NOT run)")
+    if not os.path.isfile(os.path.join(emulation.cuda_include_dir(), "cuda_runtime.h")):
+        pytest.skip("no CUDA headers (set CUDA_HOME): the CUDA emulation cannot be built (these tests did NOT run)")
+    emulation.build(os.path.join(emulation.ROOT, "build", "cuda_emulation"))
+    return torch.ops.mae_fast_emu
+
+
+def _random_ids(batch: int, length: int, keep: int) -> torch.Tensor:
+    return torch.argsort(torch.rand(batch, length), dim=1)[:, :keep].contiguous()
+
+
+def _conv_order_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.Tensor:
+    """The visible patches in the Conv2d weight's (c, i, j) order."""
+    b, c, h, w = imgs.shape
+    patches = imgs.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+    return reference.gather_tokens(patches, ids_keep)
+
+
+def _assert_close(mine: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, what: str):
+    """Within the dtype's tolerance, relative to the largest exact value."""
+    scale = max(exact.abs().max().item(), 1e-12)
+    torch.testing.assert_close(
+        mine.double() / scale, exact.double() / scale, rtol=TOL[dtype], atol=TOL[dtype], msg=lambda m: f"{what}: {m}"
+    )
+
+
+# --- patchify / gather / scatter -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 12, 4), (1, 1, 14, 7, 7), (2, 4, 16, 16, 8)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_patchify_and_unpatchify(emu, shape, dtype):
+    b, c, h, w, p = shape
+    imgs = torch.randn(b, c, h, w).to(dtype)
+    patches = emu.patchify(imgs, p)
+    assert torch.equal(patches, reference.patchify(imgs, p))
+    assert torch.equal(emu.unpatchify(patches, p, h // p, w // p), imgs)
+
+
+# (B, C, H, W, p, K): 16-byte paths (p % 4 == 0 with C = 1, 3, 4) and scalar ones (p = 7, 6, C = 2)
+GATHER_SHAPES = [
+    (2, 3, 32, 32, 8, 5),
+    (2, 1, 16, 16, 4, 7),
+    (1, 4, 16, 24, 8, 6),
+    (2, 3, 14, 21, 7, 3),
+    (3, 2, 12, 12, 6, 2),
+    (1, 3, 16, 16, 16, 1),
+]
+
+
+@pytest.mark.parametrize("shape", GATHER_SHAPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["ijc", "cij"])
+def test_gather_and_scatter_patches(emu, shape, dtype, channels_last):
+    b, c, h, w, p, keep = shape
+    imgs = torch.randn(b, c, h, w).to(dtype)
+    for ids in (_random_ids(b, (h // p) * (w // p), keep), _random_ids(b, (h // p) * (w // p), keep).int()):
+        expected = reference.patchify_gather(imgs, ids, p) if channels_last else _conv_order_gather(imgs, ids, p)
+        patches = emu.gather_patches(imgs, ids, p, channels_last)
+        assert torch.equal(patches, expected)
+        # the scatter is the gather's backward: every kept pixel gets its gradient, the rest 0
+        grad = torch.randn(b, keep, c * p * p).to(dtype)
+        leaf = imgs.double().requires_grad_()
+        gathered = reference.patchify_gather(leaf, ids, p) if channels_last else _conv_order_gather(leaf, ids, p)
+        gathered.backward(grad.double())
+        assert torch.equal(emu.scatter_patches(grad, ids, p, channels_last, c, h, w).double(), leaf.grad)
+
+
+def test_scatter_patches_sums_repeated_ids(emu):
+    imgs = torch.randn(2, 3, 8, 8)
+    ids = torch.tensor([[1, 1, 2], [0, 3, 0]])
+    grad = torch.randn(2, 3, 48)
+    leaf = imgs.double().requires_grad_()
+    reference.patchify_gather(leaf, ids, 4).backward(grad.double())
+    torch.testing.assert_close(emu.scatter_patches(grad, ids, 4, True, 3, 8, 8).double(), leaf.grad)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16, 8, 3, 32), (1, 1, 14, 14, 7, 2, 24)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias_pos", [True, False], ids=["bias_pos", "bare"])
+def test_patch_embed_gather(emu, shape, dtype, with_bias_pos):
+    b, c, h, w, p, keep, dim = shape
+    length = (h // p) * (w // p)
+    imgs, weight = torch.randn(b, c, h, w).to(dtype), (torch.randn(dim, c, p, p) * 0.1).to(dtype)
+    bias = torch.randn(dim).to(dtype) if with_bias_pos else None
+    pos = torch.randn(1, length, dim).to(dtype) if with_bias_pos else None
+    ids = _random_ids(b, length, keep)
+    out = emu.patch_embed_gather(imgs, ids, weight, bias, pos)
+    bias64, pos64 = (None if t is None else t.double() for t in (bias, pos))
+    exact = reference.patch_embed_gather(imgs.double(), ids, weight.double(), bias64, pos64)
+    assert out.dtype == dtype and out.shape == exact.shape
+    _assert_close(out, exact, dtype, "patch_embed_gather")
+
+
+# --- unshuffle_mask_tokens -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 4, 32), (3, 9, 2, 12), (1, 49, 12, 64), (2, 5, 5, 8)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "no_pos"])
+def test_unshuffle_mask_tokens_forward_backward(emu, shape, dtype, with_pos):
+    b, length, keep, dim = shape
+    x, mask_token = torch.randn(b, keep + 1, dim).to(dtype), torch.randn(dim).to(dtype)
+    pos = torch.randn(length + 1, dim).to(dtype) if with_pos else None
+    ids_restore = torch.argsort(torch.rand(b, length), dim=1)
+    out = emu.unshuffle_mask_tokens(x, mask_token, ids_restore, pos)
+    leaves = [x.double().requires_grad_(), mask_token.double().requires_grad_()]
+    exact = reference.unshuffle_mask_tokens(*leaves, ids_restore, None if pos is None else pos.double())
+    assert out.dtype == dtype
+    _assert_close(out, exact, dtype, "out")
+
+    grad = torch.randn(b, length + 1, dim).to(dtype)
+    exact.backward(grad.double())
+    grad_x, grad_mask_token = emu.unshuffle_mask_tokens_backward(grad, ids_restore, keep, True)
+    assert torch.equal(grad_x.double(), leaves[0].grad)  # a permutation of grad's rows
+    assert grad_mask_token.dtype == torch.float32
+    torch.testing.assert_close(grad_mask_token.double(), leaves[1].grad, rtol=1e-5, atol=1e-5)
+    assert emu.unshuffle_mask_tokens_backward(grad, ids_restore, keep, False)[1].numel() == 0
+
+
+# --- masked_mse_loss ---------------------------------------------------------------------------------------
+
+LOSS_SHAPES = [(2, 3, 32, 32, 8), (3, 1, 28, 28, 7), (1, 3, 14, 28, 14), (2, 3, 12, 20, 4), (1, 3, 32, 48, 16)]
+
+
+@pytest.mark.parametrize("shape", LOSS_SHAPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("norm_pix", [True, False], ids=["norm_pix", "raw_pix"])
+def test_masked_mse_loss_and_its_gradient(emu, shape, dtype, norm_pix):
+    b, c, h, w, p = shape
+    length = (h // p) * (w // p)
+    imgs = torch.rand(b, c, h, w) * 4 + 1  # a mean far from 0 tests the variance numerics
+    pred = torch.randn(b, length, p * p * c).to(dtype)
+    mask = reference.random_masking(torch.rand(b, length), max(1, length // 4))[2]
+    loss, grad = emu.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6)
+    leaf = pred.double().requires_grad_()
+    exact = reference.masked_mse_loss(leaf, imgs.double(), mask, p, norm_pix)
+    exact.backward()
+    assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), exact.detach(), rtol=1e-5, atol=1e-6)
+    _assert_close(grad, leaf.grad, dtype, "grad_pred")
+    again, _ = emu.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6)
+    assert torch.equal(again, loss), "the loss must be bitwise reproducible"
+
+
+# --- random_masking -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [1, 9, 50, 196, 300, 1024])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_random_masking_equals_stable_argsort(emu, length, dtype):
+    noise = torch.rand(4, length).to(dtype)
+    noise[0, : length // 2] = 0.5  # ties go to the lower index
+    noise[1, ::3] = -0.0
+    noise[2, ::2] = 0.0
+    if length > 2:
+        noise[3, 1] = float("nan")
+        noise[3, 2] = float("inf")
+    for keep in sorted({1, max(1, length // 4), length}):
+        got = emu.random_masking(noise, keep)
+        for mine, theirs in zip(got, reference.random_masking(noise, keep), strict=True):
+            assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
+
+
+# --- visible_attention ------------------------------------------------------------------------------------
+
+
+def _low_precision_attention(q, k, v, scale):
+    """Attention computed in q's dtype by PyTorch: the error budget a same-precision kernel may have."""
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.einsum("bhnm,bmhd->bnhd", probs, v)
+
+
+def _check_close_to_fp32(mine, low, exact, what):
+    """FlashAttention's criterion: error vs the fp32 reference at most 2x that of PyTorch in the same dtype."""
+    err = (mine.double() - exact.double()).abs().max().item()
+    budget = (low.double() - exact.double()).abs().max().item()
+    assert err <= 2 * budget + 1e-4, f"{what}: error {err:.3g} > 2 x {budget:.3g}"
+
+
+def _attention_and_grads(fn, inputs, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, grad.to(out.dtype))
+
+
+def _check_attention(emu, q, k, v, cu_seqlens, max_seqlen, pieces):
+    """The emulated forward and backward against fp32 and same-precision PyTorch over ``pieces``: the
+    (start, end) token ranges of each sequence in the [T, H, d] (packed) view of q, k, v."""
+    d = q.shape[-1]
+    scale = d**-0.5
+    out, lse = emu.visible_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+    grad = torch.randn_like(out)
+    dq, dk, dv = emu.visible_attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+    packed = [t.reshape(-1, *t.shape[-2:]) for t in (q, k, v, out, grad, dq, dk, dv)]
+    q_, k_, v_, out_, grad_, *grads = packed
+    lse_ = lse.reshape(lse.shape[0], -1)
+    for start, end in pieces:
+        inputs = [t[None, start:end] for t in (q_, k_, v_)]
+        g = grad_[None, start:end]
+
+        def exact_fn(*leaves):
+            return reference.attention(*(t.float() for t in leaves), scale)[0]
+
+        exact, exact_grads = _attention_and_grads(exact_fn, inputs, g.float())
+        low, low_grads = _attention_and_grads(lambda *t: _low_precision_attention(*t, scale), inputs, g)
+        _check_close_to_fp32(out_[None, start:end], low, exact, f"out[{start}:{end}]")
+        for name, mine, lo, ex in zip("qkv", grads, low_grads, exact_grads, strict=True):
+            _check_close_to_fp32(mine[None, start:end], lo, ex, f"d{name}[{start}:{end}]")
+        exact_lse = reference.attention(*(t.float() for t in inputs), scale)[1][0]
+        torch.testing.assert_close(lse_[:, start:end], exact_lse, rtol=1e-3, atol=1e-3)
+
+
+# (B, N, H, d): head dims 32 / 64 / 80 / 128, N from 1 to 256, N not a multiple of 16
+ATTENTION_CASES = [(2, 50, 2, 64), (1, 197, 1, 32), (1, 65, 1, 80), (2, 17, 1, 128), (1, 1, 2, 64), (1, 256, 1, 32)]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_visible_attention_fixed_length(emu, case, dtype):
+    b, n, heads, d = case
+    q, k, v = torch.randn(b, n, 3, heads, d).to(dtype).unbind(2)  # strided views, as the Attention module passes
+    _check_attention(emu, q, k, v, None, n, [(i * n, (i + 1) * n) for i in range(b)])
+
+
+@pytest.mark.parametrize("lengths", [[5, 50, 0, 129], [49, 49, 1]], ids=str)
+@pytest.mark.parametrize("d", [32, 80], ids=lambda d: f"d{d}")
+def test_visible_attention_varlen(emu, lengths, d):
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (torch.randn(int(cu[-1]), 2, d).to(torch.bfloat16) for _ in range(3))
+    bounds = cu.tolist()
+    pieces = [(s, e) for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s]
+    _check_attention(emu, q, k, v, cu, max(lengths), pieces)
+
+
+def test_visible_attention_is_deterministic(emu):
+    q, k, v = torch.randn(1, 40, 3, 2, 64).to(torch.bfloat16).unbind(2)
+    first = emu.visible_attention(q, k, v, None, 40, 0.125)
+    second = emu.visible_attention(q, k, v, None, 40, 0.125)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
