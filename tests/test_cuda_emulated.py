@@ -265,3 +265,48 @@ def test_visible_attention_is_deterministic(emu):
     first = emu.visible_attention(q, k, v, None, 40, 0.125)
     second = emu.visible_attention(q, k, v, None, 40, 0.125)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+# --- the emulation itself ---------------------------------------------------------------------------------
+
+
+def _selftest(name: str, out: torch.Tensor | None = None, a=None, b=None):
+    out = torch.zeros(256) if out is None else out
+    empty = torch.zeros(0, dtype=torch.float16)
+    torch.ops.mae_fast_emu_selftest.run(name, out, empty if a is None else a, empty if b is None else b)
+    return out
+
+
+def test_emulated_shuffles_and_shared_memory_compute_what_a_gpu_does(emu):
+    out = _selftest("reductions", torch.zeros(2 * 96))
+    t = torch.arange(96, dtype=torch.float32)
+    shuffled_down = torch.where(t % 32 == 31, t, t + 1)  # lane 31 has no lane below: it keeps its own value
+    assert torch.equal(out, (3 * 496 + shuffled_down).repeat(2))
+
+
+def test_emulated_wmma_multiplies_tiles(emu):
+    a, b = torch.randn(16, 16).half(), torch.randn(16, 16).half()
+    out = _selftest("wmma", torch.zeros(16, 16), a, b)
+    torch.testing.assert_close(out, a.float() @ b.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("wmma_misaligned", "not 256-bit aligned"),
+        ("wmma_bad_ldm", "not a multiple of 8"),
+        ("divergent_barrier", "deadlock"),
+        ("shuffle_from_exited_lane", "exited"),
+        ("shared_memory_over_default_limit", "cudaFuncSetAttribute"),
+        ("block_too_large", "invalid block size"),
+    ],
+)
+def test_emulation_refuses_what_a_gpu_refuses(emu, name, message):
+    a, b = torch.randn(16, 16).half(), torch.randn(16, 16).half()
+    with pytest.raises(RuntimeError, match=message):
+        _selftest(name, torch.zeros(16, 16), a, b)
+
+
+def test_dynamic_shared_memory_above_48_kb_needs_the_attribute(emu):
+    out = _selftest("shared_memory_with_attribute", torch.zeros(64))
+    assert torch.equal(out, torch.ones(64))

@@ -93,15 +93,17 @@ def rewrite(text: str) -> str:
 
 
 def write_sources(folder: str) -> list[str]:
-    """Rewrite every csrc/ file into ``folder`` (only files whose text changed are rewritten, so rebuilds
-    stay incremental); returns the C++ sources to compile."""
+    """Rewrite every csrc/ file, and the emulation's own selftest.cu, into ``folder`` (only files whose text
+    changed are rewritten, so rebuilds stay incremental); returns the C++ sources to compile."""
     os.makedirs(folder, exist_ok=True)
     sources = []
-    for name in sorted(os.listdir(CSRC)):
+    paths = [os.path.join(CSRC, name) for name in sorted(os.listdir(CSRC))] + [os.path.join(HERE, "selftest.cu")]
+    for path in paths:
+        name = os.path.basename(path)
         stem, ext = os.path.splitext(name)
         if ext not in (".cu", ".cpp", ".h"):
             continue
-        with open(os.path.join(CSRC, name)) as handle:
+        with open(path) as handle:
             text = rewrite(handle.read())
         target = os.path.join(folder, name if ext == ".h" else f"{stem}.cpp")
         if not os.path.exists(target) or open(target).read() != text:
@@ -119,7 +121,7 @@ def cuda_include_dir() -> str:
 
 def build(build_dir: str, verbose: bool = False):
     """Compile the emulated extension into ``build_dir`` (incremental) and import it; its ops are then
-    ``torch.ops.mae_fast_emu.*`` on CPU tensors."""
+    ``torch.ops.mae_fast_emu.*`` on CPU tensors (and the self-tests ``torch.ops.mae_fast_emu_selftest.run``)."""
     from torch.utils import cpp_extension
 
     source_dir = os.path.join(build_dir, "src")
