@@ -12,6 +12,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <climits>
@@ -423,6 +424,10 @@ at::Tensor patch_embed_gather_cuda(const at::Tensor& imgs, const at::Tensor& ids
     MAE_FAST_CHECK_SAME_DEVICE(*pos_embed, imgs, "pos_embed", "imgs");
   }
   const c10::cuda::CUDAGuard guard(imgs.device());
+  // Autocast's dispatch keys fall through to this op but stay enabled inside it: without this guard the
+  // at::addmm below would run in the autocast dtype and return a dtype other than the fake's (imgs'). The
+  // Python backend casts the inputs to the autocast dtype before calling the op.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   // Gather in the conv weight's (c, i, j) order, then one cuBLAS GEMM over the B*K visible patches only:
   // at these sizes (K*B x C*p*p x D) cuBLAS is at the tensor-core roofline, a custom GEMM would not pay.
   const at::Tensor patches = gather_patches_cuda(imgs, ids_keep, p, /*channels_last=*/false);

@@ -86,6 +86,24 @@ def test_fake_patch_embed_gather_and_its_gradients(fake):
         assert grad.shape == tensor.shape and grad.dtype == tensor.dtype
 
 
+def test_fake_patch_embed_gather_under_autocast(fake):
+    """The cuda backend casts imgs, weight and bias to the autocast dtype before the op (as the release's conv
+    and the other backends do): a bf16 output, fp32 gradients for fp32 parameters, and a backward whose GEMMs
+    see one dtype (the op's own output would otherwise be bf16 from an autocast GEMM inside it, fp32 inputs)."""
+    imgs = torch.empty(2, 3, 8, 8, requires_grad=True)
+    ids = torch.zeros(2, 3, dtype=torch.int64)
+    weight = torch.empty(16, 3, 4, 4, requires_grad=True)
+    bias = torch.empty(16, requires_grad=True)
+    pos = torch.empty(1, 4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cuda_backends.patch_embed_gather_support(imgs, ids, weight.half(), bias, pos) is None
+        out = cuda_backends._patch_embed_gather(imgs, ids, weight, bias, pos)
+    assert out.shape == (2, 3, 16) and out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().sum(), (imgs, weight, bias, pos))
+    for grad, tensor in zip(grads, (imgs, weight, bias, pos), strict=True):
+        assert grad.shape == tensor.shape and grad.dtype == torch.float32
+
+
 def test_fake_unshuffle_and_its_gradients(fake):
     x = torch.empty(2, 5, 32, dtype=torch.bfloat16, requires_grad=True)
     mask_token = torch.empty(1, 1, 32, requires_grad=True)

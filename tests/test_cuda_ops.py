@@ -139,6 +139,36 @@ def test_patch_embed_gather_forward_backward(shape, dtype, with_bias_pos):
             torch.testing.assert_close(leaf.grad.double() / scale, ref[name].grad / scale, rtol=tol, atol=tol)
 
 
+def test_patch_embed_gather_under_autocast():
+    """As the release's conv under bf16 autocast (what training runs): the same bf16 output as the reference
+    backend, and fp32 gradients for the fp32 image and parameters."""
+    b, c, h, w, p, k, dim = 2, 3, 32, 32, 8, 5, 64
+    length = (h // p) * (w // p)
+    ids = _random_ids(b, length, k)
+    inputs = (
+        torch.randn(b, c, h, w, device="cuda"),
+        torch.randn(dim, c, p, p, device="cuda") / (c * p * p) ** 0.5,
+        torch.randn(dim, device="cuda"),
+        torch.randn(1, length, dim, device="cuda"),
+    )
+    grad = torch.randn(b, k, dim, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for backend in ("cuda", "reference"):
+        leaves = [_leaf(t) for t in inputs]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = patch_embed_gather(leaves[0], ids, *leaves[1:], backend=backend)
+        out.backward(grad)
+        results[backend] = out, [leaf.grad for leaf in leaves]
+    (out, grads), (expected, expected_grads) = results["cuda"], results["reference"]
+    assert out.dtype == expected.dtype == torch.bfloat16
+    tol = TOL[torch.bfloat16] * 2
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+    for name, mine, theirs in zip(("imgs", "weight", "bias", "pos_embed"), grads, expected_grads, strict=True):
+        assert mine.dtype == torch.float32, name
+        scale = theirs.abs().max().item() + 1e-6
+        torch.testing.assert_close(mine / scale, theirs / scale, rtol=tol, atol=tol)
+
+
 # --- unshuffle_mask_tokens -----------------------------------------------------------------------------
 
 

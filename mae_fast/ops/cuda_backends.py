@@ -83,12 +83,20 @@ def _patchify_gather(imgs, ids_keep, patch_size):
 # --- patch_embed_gather --------------------------------------------------------------------------------
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast would run a conv / linear in on this device type, or None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def patch_embed_gather_support(imgs, ids_keep, weight, bias, pos_embed) -> str | None:
     reason = _first(_dtype_reason("imgs", imgs), _dtype_reason("weight", weight), _dtype_reason("pos_embed", pos_embed))
     if reason is not None:
         return reason
+    autocast = _autocast_dtype(imgs.device)
+    if autocast is not None and autocast not in KERNEL_DTYPES:
+        return f"autocast dtype {autocast} is not compiled into the CUDA kernels"
     for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype != imgs.dtype:
+        if autocast is None and tensor is not None and tensor.dtype != imgs.dtype:
             return f"the CUDA GEMM needs {name} in imgs' dtype {imgs.dtype}, got {tensor.dtype}"
     if imgs.requires_grad:
         p = weight.shape[-1]
@@ -106,6 +114,13 @@ def _check_patch_embed_gather(imgs, ids_keep, weight, bias, pos_embed) -> str | 
 
 @dispatch.register("patch_embed_gather", "cuda", check=_check_patch_embed_gather)
 def _patch_embed_gather(imgs, ids_keep, weight, bias, pos_embed):
+    """Under autocast imgs, weight and bias are cast to its dtype first, as the release's conv would be (the
+    casts are differentiable: fp32 weights get fp32 gradients). Inside the C++ op autocast is off, so its
+    output always has the dtype of the imgs it is given, as its fake implementation says."""
+    dtype = _autocast_dtype(imgs.device)
+    if dtype is not None:
+        imgs, weight = imgs.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return torch.ops.mae_fast.patch_embed_gather(imgs, ids_keep, weight, bias, pos_embed)
 
 
