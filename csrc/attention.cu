@@ -6,8 +6,11 @@
 // round-robin over the warps), with the softmax / gradient elementwise work in fp32 shared memory between
 // them. Padding rows (up to the next multiple of 16) are zero and masked out of every softmax.
 //
-// Backward without atomics (deterministic): one kernel walks key strips and owns dK, dV of its keys; a
-// second walks query strips and owns dQ. Both recompute P from the saved log-sum-exp.
+// Backward without atomics (deterministic): one kernel walks query strips and owns dQ; a second, launched
+// after it, walks key strips and owns dK, dV of its keys. Both recompute P from the saved log-sum-exp. The
+// dQ kernel also writes D = rowsum(P * dP) in fp32 for both (from P and dP before any rounding: the usual
+// rowsum(dO * O) reads O rounded to 16 bits, an error in dS that does not shrink with P, which at N = 2 made
+// the gradients several times less accurate than the same computation in PyTorch at that precision).
 //
 // Layouts: q/k/v are [B, N, H, d] (any strides with a unit last stride, multiples of 8 elements) or
 // packed [T, H, d] with int32 cu_seqlens [S+1]; out/dq/dk/dv are contiguous [T, H, d]; lse is [H, T] fp32.
@@ -217,21 +220,6 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(RowView q, 
   }
 }
 
-// D[h, t] = sum_e dO[t, h, e] * O[t, h, e] in fp32 (dO, O contiguous [T, H, d]): one warp per (t, h).
-template <typename T>
-__global__ void attention_backward_dot_kernel(const T* grad_out, const T* out, float* delta, int64_t total_tokens,
-                                              int heads, int d) {
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= total_tokens * heads) return;
-  float acc = 0.f;
-  for (int e = lane; e < d; e += 32) acc += to_float(grad_out[row * d + e]) * to_float(out[row * d + e]);
-  acc = warp_sum(acc);
-  const int64_t t = row / heads;
-  const int h = static_cast<int>(row % heads);
-  if (lane == 0) delta[h * total_tokens + t] = acc;
-}
-
 // ---- backward, key strips: dK, dV ------------------------------------------------------------------------
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(RowView q, RowView k, RowView v,
@@ -304,8 +292,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(RowVi
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(RowView q, RowView k, RowView v,
                                                                          RowView grad_out, const float* lse,
-                                                                         const float* delta, T* dq,
-                                                                         AttentionShape a) {
+                                                                         float* delta, T* dq, AttentionShape a) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int64_t s = blockIdx.x;
   const int h = blockIdx.y;
@@ -335,6 +322,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(RowView
   const T* q_base = row_base<T>(q, a, s, seq, h);
   const T* do_base = row_base<T>(grad_out, a, s, seq, h);
   const float scale_log2 = a.scale * kLog2e;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int m0 = 0; m0 < n; m0 += M) {
     const int rows = min(M, n - m0);
     load_rows<T, D>(qs, q_base + m0 * q.stride_t, q.stride_t, rows, M);
@@ -342,11 +330,23 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(RowView
     for (int r = threadIdx.x; r < M; r += blockDim.x) {
       const int64_t t = seq.token0 + m0 + r;
       lse_s[r] = r < rows ? lse[h * a.total_tokens + t] * kLog2e : 0.f;
-      delta_s[r] = r < rows ? delta[h * a.total_tokens + t] : 0.f;
     }
     __syncthreads();
     block_gemm<T, true>(qs, row_pitch(D), ks, row_pitch(D), f, ldf, M / 16, nc / 16, D / 16);
     block_gemm<T, true>(dos, row_pitch(D), vs, row_pitch(D), g, ldf, M / 16, nc / 16, D / 16);
+    __syncthreads();
+    // D[r] = sum_c P[r][c] dP[r][c] in fp32, one warp per row; also stored for the dK/dV kernel.
+    for (int r = warp; r < M; r += kWarps) {
+      float acc = 0.f;
+      if (r < rows) {
+        for (int c = lane; c < n; c += 32) acc += exp2f(f[r * ldf + c] * scale_log2 - lse_s[r]) * g[r * ldf + c];
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) {
+        delta_s[r] = acc;
+        if (r < rows) delta[h * a.total_tokens + seq.token0 + m0 + r] = acc;
+      }
+    }
     __syncthreads();
     for (int idx = threadIdx.x; idx < M * nc; idx += blockDim.x) {
       const int r = idx / nc, c = idx % nc;
@@ -541,7 +541,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
   const at::Tensor grad_out = readable(grad_out_in.contiguous());  // contiguous and 16-byte aligned
-  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();  // out is checked but not read: the dQ kernel computes D itself
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty(q.sizes(), contiguous);
   at::Tensor dk = at::empty(q.sizes(), contiguous);
@@ -555,33 +555,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
   const int64_t fixed_len = c.packed ? 0 : q.size(1);
   const AttentionShape a_kv = shape_of(c, cu_seqlens, fixed_len, strip_kv, scale);
   const AttentionShape a_q = shape_of(c, cu_seqlens, fixed_len, strip_q, scale);
-  at::Tensor delta = at::empty({c.heads, c.total_tokens}, q.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({c.heads, c.total_tokens}, q.options().dtype(at::kFloat));  // written by the dQ kernel
   const dim3 grid(static_cast<unsigned>(c.num_seqs), static_cast<unsigned>(c.heads));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   // grad_out is contiguous: its view has the contiguous strides of its layout.
   const RowView grad_view = view_of(grad_out, c.packed);
   MAE_FAST_DISPATCH_HALF_TYPES(q.scalar_type(), "visible_attention_backward_cuda", [&] {
     using T = typename Native<scalar_t>::type;
-    const int64_t rows = c.total_tokens * c.heads;
-    attention_backward_dot_kernel<T><<<static_cast<unsigned>(ceil_div(rows * 32, kThreads)), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(grad_out.const_data_ptr<scalar_t>()),
-        reinterpret_cast<const T*>(out.const_data_ptr<scalar_t>()), delta.mutable_data_ptr<float>(), c.total_tokens,
-        static_cast<int>(c.heads), d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     MAE_FAST_DISPATCH_HEAD_DIM(c.head_dim, [&] {
+      // dQ first: it writes D (delta) for every token of every sequence, which the dK/dV kernel reads.
+      auto q_kernel = attention_backward_dq_kernel<T, kHeadDim>;
+      allow_shared_memory(q_kernel, smem_q);
+      q_kernel<<<grid, kThreads, smem_q, stream>>>(view_of(q, c.packed), view_of(k, c.packed), view_of(v, c.packed),
+                                                   grad_view, lse.const_data_ptr<float>(),
+                                                   delta.mutable_data_ptr<float>(),
+                                                   reinterpret_cast<T*>(dq.mutable_data_ptr<scalar_t>()), a_q);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       auto kv_kernel = attention_backward_dkdv_kernel<T, kHeadDim>;
       allow_shared_memory(kv_kernel, smem_kv);
       kv_kernel<<<grid, kThreads, smem_kv, stream>>>(
           view_of(q, c.packed), view_of(k, c.packed), view_of(v, c.packed), grad_view, lse.const_data_ptr<float>(),
           delta.const_data_ptr<float>(), reinterpret_cast<T*>(dk.mutable_data_ptr<scalar_t>()),
           reinterpret_cast<T*>(dv.mutable_data_ptr<scalar_t>()), a_kv);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      auto q_kernel = attention_backward_dq_kernel<T, kHeadDim>;
-      allow_shared_memory(q_kernel, smem_q);
-      q_kernel<<<grid, kThreads, smem_q, stream>>>(view_of(q, c.packed), view_of(k, c.packed), view_of(v, c.packed),
-                                                   grad_view, lse.const_data_ptr<float>(),
-                                                   delta.const_data_ptr<float>(),
-                                                   reinterpret_cast<T*>(dq.mutable_data_ptr<scalar_t>()), a_q);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
