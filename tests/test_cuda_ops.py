@@ -213,7 +213,12 @@ def test_unshuffle_mask_tokens_forward_backward(shape, dtype, with_pos):
         torch.testing.assert_close(pos.grad.double(), exact_pos_grad, rtol=tol, atol=tol * b**0.5)
     if dispatch.explain("unshuffle_mask_tokens", x, mask_token, ids_restore, pos)["triton"] is None:
         triton = unshuffle_mask_tokens(x, mask_token, ids_restore, pos, backend="triton")
-        assert torch.equal(out.detach(), triton.detach())
+        if dtype == torch.float32 or pos is None:
+            assert torch.equal(out.detach(), triton.detach())
+        else:  # Triton adds the fp32 mask token and table before its one rounding; here they are cast first
+            terms = [x.detach().abs().max(), mask_token.detach().abs().max(), pos.detach().abs().max()]
+            atol = 2 * TOL[dtype] * max(t.item() for t in terms)
+            torch.testing.assert_close(out.detach().double(), triton.detach().double(), rtol=0, atol=atol)
 
 
 # --- masked_mse_loss -----------------------------------------------------------------------------------
