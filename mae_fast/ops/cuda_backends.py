@@ -243,6 +243,8 @@ def _visible_attention(q, k, v, cu_seqlens, max_seqlen, scale):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if cu_seqlens is None:
         max_seqlen = q.shape[1]
-    elif max_seqlen is None:
-        max_seqlen = _longest(cu_seqlens)
+    else:
+        cu_seqlens = cu_seqlens.contiguous()  # the kernels index its data pointer without strides
+        if max_seqlen is None:
+            max_seqlen = _longest(cu_seqlens)
     return torch.ops.mae_fast.visible_attention(q, k, v, cu_seqlens, max(max_seqlen, 1), scale)[0]
