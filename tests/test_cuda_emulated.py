@@ -15,6 +15,7 @@ import torch
 from cuda_emulation import build as emulation
 
 from mae_fast import reference
+from mae_fast.ops import _cuda_registrations
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -28,6 +29,7 @@ def emu():
     if not os.path.isfile(os.path.join(emulation.cuda_include_dir(), "cuda_runtime.h")):
         pytest.skip("no CUDA headers (set CUDA_HOME): the CUDA emulation cannot be built (these tests did NOT run)")
     emulation.build(os.path.join(emulation.ROOT, "build", "cuda_emulation"))
+    _cuda_registrations.register("mae_fast_emu")  # the fakes and autograd formulas the real extension gets
     return torch.ops.mae_fast_emu
 
 
@@ -265,6 +267,106 @@ def test_visible_attention_is_deterministic(emu):
     first = emu.visible_attention(q, k, v, None, 40, 0.125)
     second = emu.visible_attention(q, k, v, None, 40, 0.125)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+# --- the Python side: fake implementations and autograd formulas, on the emulated kernels ----------------
+
+
+def _opcheck_cases():
+    ids = _random_ids(2, 6, 3)
+    imgs = torch.randn(2, 3, 8, 12)
+    leaf = lambda t: t.requires_grad_()  # noqa: E731
+    qkv = [leaf(torch.randn(2, 17, 2, 32).to(torch.bfloat16)) for _ in range(3)]
+    packed = [leaf(torch.randn(20, 2, 32).to(torch.bfloat16)) for _ in range(3)]
+    cu = torch.tensor([0, 5, 5, 20], dtype=torch.int32)
+    out, lse = torch.ops.mae_fast_emu.visible_attention(*(t.detach() for t in qkv), None, 17, 0.2)
+    mask = reference.random_masking(torch.rand(2, 6), 3)[2]
+    return {
+        "patchify": (leaf(imgs.clone()), 4),
+        "unpatchify": (leaf(torch.randn(2, 6, 48)), 4, 2, 3),
+        "gather_patches": (leaf(imgs.clone()), ids, 4, False),
+        "scatter_patches": (leaf(torch.randn(2, 3, 48)), ids, 4, True, 3, 8, 12),
+        "patch_embed_gather": (
+            leaf(imgs.clone()),
+            ids,
+            leaf(torch.randn(16, 3, 4, 4)),
+            leaf(torch.randn(16)),
+            leaf(torch.randn(1, 6, 16)),
+        ),
+        "unshuffle_mask_tokens": (
+            leaf(torch.randn(2, 4, 8)),
+            leaf(torch.randn(8)),
+            torch.argsort(torch.rand(2, 6)),
+            leaf(torch.randn(7, 8)),
+        ),
+        "unshuffle_mask_tokens_backward": (torch.randn(2, 7, 8), torch.argsort(torch.rand(2, 6)), 3, True),
+        "masked_mse_loss": (leaf(torch.randn(2, 6, 48)), imgs, mask, 4, True, 1e-6),
+        "random_masking": (torch.rand(2, 6), 3),
+        "visible_attention": (*qkv, None, 17, 0.2),
+        "visible_attention_packed": (*packed, cu, 15, 0.2),
+        "visible_attention_backward": (torch.randn_like(out), *(t.detach() for t in qkv), out, lse, None, 17, 0.2),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "patchify",
+        "unpatchify",
+        "gather_patches",
+        "scatter_patches",
+        "patch_embed_gather",
+        "unshuffle_mask_tokens",
+        "unshuffle_mask_tokens_backward",
+        "masked_mse_loss",
+        "random_masking",
+        "visible_attention",
+        "visible_attention_packed",
+        "visible_attention_backward",
+    ],
+)
+def test_fakes_and_autograd_registration_agree_with_the_kernels(emu, name):
+    """torch.library.opcheck: schema, autograd registration, and fake outputs (shapes, strides, dtypes)
+    equal to what the kernels return, also under AOT tracing with dynamic shapes."""
+    args = _opcheck_cases()[name]
+    op = getattr(emu, name.removesuffix("_packed"))
+    torch.library.opcheck(op, args)
+
+
+def test_patch_embed_gather_gradients_through_the_autograd_formula(emu):
+    imgs, weight = torch.randn(2, 3, 16, 12), torch.randn(24, 3, 4, 4) * 0.1
+    bias, pos, ids = torch.randn(24), torch.randn(1, 12, 24), _random_ids(2, 12, 5)
+    leaves = [t.clone().requires_grad_() for t in (imgs, weight, bias, pos)]
+    exact_leaves = [t.double().requires_grad_() for t in (imgs, weight, bias, pos)]
+    grad = torch.randn(2, 5, 24)
+    emu.patch_embed_gather(leaves[0], ids, *leaves[1:]).backward(grad)
+    reference.patch_embed_gather(exact_leaves[0], ids, *exact_leaves[1:]).backward(grad.double())
+    for name, mine, exact in zip(("imgs", "weight", "bias", "pos_embed"), leaves, exact_leaves, strict=True):
+        _assert_close(mine.grad, exact.grad, torch.float32, f"grad {name}")
+
+
+def test_unshuffle_and_attention_gradients_through_the_autograd_formulas(emu):
+    x, mask_token, pos = (
+        torch.randn(2, 4, 8).requires_grad_(),
+        torch.randn(8).requires_grad_(),
+        torch.randn(7, 8).requires_grad_(),
+    )
+    ids_restore = torch.argsort(torch.rand(2, 6))
+    exact = [t.detach().double().requires_grad_() for t in (x, mask_token, pos)]
+    grad = torch.randn(2, 7, 8)
+    emu.unshuffle_mask_tokens(x, mask_token, ids_restore, pos).backward(grad)
+    reference.unshuffle_mask_tokens(exact[0], exact[1], ids_restore, exact[2]).backward(grad.double())
+    for name, mine, ex in zip(("x", "mask_token", "pos_embed"), (x, mask_token, pos), exact, strict=True):
+        _assert_close(mine.grad, ex.grad, torch.float32, f"grad {name}")
+
+    q, k, v = (torch.randn(1, 9, 2, 64).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    out, _ = emu.visible_attention(q, k, v, None, 9, 0.125)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact_grads = torch.autograd.grad(reference.attention(*exact_inputs, 0.125)[0], exact_inputs, grad.double())
+    for name, mine, ex in zip("qkv", grads, exact_grads, strict=True):
+        _assert_close(mine, ex, torch.bfloat16, f"d{name}")
 
 
 # --- the emulation itself ---------------------------------------------------------------------------------

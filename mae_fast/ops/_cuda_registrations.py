@@ -66,7 +66,7 @@ def _patchify_setup(ctx, inputs, output):
 
 
 def _patchify_backward(ctx, grad):
-    grad = torch.ops.mae_fast.unpatchify(grad.contiguous(), ctx.patch_size, *ctx.grid)
+    grad = ctx.ops.unpatchify(grad.contiguous(), ctx.patch_size, *ctx.grid)
     return grad, None
 
 
@@ -75,7 +75,7 @@ def _unpatchify_setup(ctx, inputs, output):
 
 
 def _unpatchify_backward(ctx, grad):
-    return torch.ops.mae_fast.patchify(grad.contiguous(), ctx.patch_size), None, None, None
+    return ctx.ops.patchify(grad.contiguous(), ctx.patch_size), None, None, None
 
 
 # --- gather_patches / scatter_patches (each the other's backward) --------------------------------------
@@ -97,7 +97,7 @@ def _gather_patches_setup(ctx, inputs, output):
 
 def _gather_patches_backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
-    return torch.ops.mae_fast.scatter_patches(grad, ids_keep, *ctx.geometry), None, None, None
+    return ctx.ops.scatter_patches(grad, ids_keep, *ctx.geometry), None, None, None
 
 
 def _scatter_patches_setup(ctx, inputs, output):
@@ -108,7 +108,7 @@ def _scatter_patches_setup(ctx, inputs, output):
 
 def _scatter_patches_backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
-    grad_patches = torch.ops.mae_fast.gather_patches(grad, ids_keep, ctx.patch_size, ctx.channels_last)
+    grad_patches = ctx.ops.gather_patches(grad, ids_keep, ctx.patch_size, ctx.channels_last)
     return grad_patches, None, None, None, None, None, None
 
 
@@ -137,7 +137,7 @@ def _patch_embed_gather_backward(ctx, grad):
     grad2d = grad.reshape(-1, dim)
     grad_imgs = grad_weight = grad_bias = grad_pos = None
     if need_weight:
-        patches = torch.ops.mae_fast.gather_patches(imgs, ids_keep, p, False)
+        patches = ctx.ops.gather_patches(imgs, ids_keep, p, False)
         grad_weight = (grad2d.t() @ patches.reshape(grad2d.shape[0], -1)).reshape(weight.shape)
     if need_bias:
         grad_bias = grad2d.float().sum(0).to(ctx.bias_meta[1])
@@ -147,9 +147,7 @@ def _patch_embed_gather_backward(ctx, grad):
         grad_pos = rows.index_add_(0, ids_keep.reshape(-1), grad2d.float()).to(dtype).reshape(shape)
     if need_imgs:
         grad_patches = (grad2d @ weight.reshape(dim, -1)).reshape(grad.shape[0], grad.shape[1], -1)
-        grad_imgs = torch.ops.mae_fast.scatter_patches(
-            grad_patches, ids_keep, p, False, channels, imgs.shape[2], imgs.shape[3]
-        )
+        grad_imgs = ctx.ops.scatter_patches(grad_patches, ids_keep, p, False, channels, imgs.shape[2], imgs.shape[3])
     return grad_imgs, None, grad_weight, grad_bias, grad_pos
 
 
@@ -176,7 +174,7 @@ def _unshuffle_setup(ctx, inputs, output):
 def _unshuffle_backward(ctx, grad):
     (ids_restore,) = ctx.saved_tensors
     need_x, need_mask_token, _, need_pos = ctx.needs_input_grad
-    grad_x, grad_mask_token = torch.ops.mae_fast.unshuffle_mask_tokens_backward(
+    grad_x, grad_mask_token = ctx.ops.unshuffle_mask_tokens_backward(
         grad, ids_restore, ctx.len_keep, bool(need_mask_token)
     )
     if need_mask_token:
@@ -241,13 +239,24 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = torch.ops.mae_fast.visible_attention_backward(
-        grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale
-    )
+    dq, dk, dv = ctx.ops.visible_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
-def register() -> None:
+def _with_ops(setup, ops):
+    """``setup`` that also stores the op namespace on ctx, for the backward formulas (``ctx.ops.<name>``)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.ops = ops
+        setup(ctx, inputs, output)
+
+    return setup_context
+
+
+def register(namespace: str = "mae_fast") -> None:
+    """Register the fakes and autograd formulas for the ops of ``namespace``: ``mae_fast`` (the extension);
+    the tests also give them to the CPU emulation of csrc/ (``mae_fast_emu``, tests/cuda_emulation)."""
+    ops = getattr(torch.ops, namespace)
     fakes = {
         "patchify": _patchify_fake,
         "unpatchify": _unpatchify_fake,
@@ -262,7 +271,7 @@ def register() -> None:
         "visible_attention_backward": _attention_backward_fake,
     }
     for name, fake in fakes.items():
-        torch.library.register_fake(f"mae_fast::{name}")(fake)
+        torch.library.register_fake(f"{namespace}::{name}")(fake)
     autograd = {
         "patchify": (_patchify_backward, _patchify_setup),
         "unpatchify": (_unpatchify_backward, _unpatchify_setup),
@@ -274,4 +283,4 @@ def register() -> None:
         "visible_attention": (_attention_backward, _attention_setup),
     }
     for name, (backward, setup) in autograd.items():
-        torch.library.register_autograd(f"mae_fast::{name}", backward, setup_context=setup)
+        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=_with_ops(setup, ops))
