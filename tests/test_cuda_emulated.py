@@ -12,14 +12,19 @@ import shutil
 
 import pytest
 import torch
+from cuda_cases import (
+    FLOAT_DTYPES,
+    GATHER_SHAPES,
+    HALF_DTYPES,
+    LOSS_SHAPES,
+    TOL,
+    check_close_to_fp32,
+    low_precision_attention,
+)
 from cuda_emulation import build as emulation
 
 from mae_fast import reference
 from mae_fast.ops import _cuda_registrations
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +68,6 @@ def test_patchify_and_unpatchify(emu, shape, dtype):
     patches = emu.patchify(imgs, p)
     assert torch.equal(patches, reference.patchify(imgs, p))
     assert torch.equal(emu.unpatchify(patches, p, h // p, w // p), imgs)
-
-
-# (B, C, H, W, p, K): 16-byte paths (p % 4 == 0 with C = 1, 3, 4) and scalar ones (p = 7, 6, C = 2)
-GATHER_SHAPES = [
-    (2, 3, 32, 32, 8, 5),
-    (2, 1, 16, 16, 4, 7),
-    (1, 4, 16, 24, 8, 6),
-    (2, 3, 14, 21, 7, 3),
-    (3, 2, 12, 12, 6, 2),
-    (1, 3, 16, 16, 16, 1),
-]
 
 
 @pytest.mark.parametrize("shape", GATHER_SHAPES)
@@ -148,8 +142,6 @@ def test_unshuffle_mask_tokens_forward_backward(emu, shape, dtype, with_pos):
 
 # --- masked_mse_loss ---------------------------------------------------------------------------------------
 
-LOSS_SHAPES = [(2, 3, 32, 32, 8), (3, 1, 28, 28, 7), (1, 3, 14, 28, 14), (2, 3, 12, 20, 4), (1, 3, 32, 48, 16)]
-
 
 @pytest.mark.parametrize("shape", LOSS_SHAPES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -193,20 +185,6 @@ def test_random_masking_equals_stable_argsort(emu, length, dtype):
 # --- visible_attention ------------------------------------------------------------------------------------
 
 
-def _low_precision_attention(q, k, v, scale):
-    """Attention computed in q's dtype by PyTorch: the error budget a same-precision kernel may have."""
-    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.einsum("bhnm,bmhd->bnhd", probs, v)
-
-
-def _check_close_to_fp32(mine, low, exact, what):
-    """FlashAttention's criterion: error vs the fp32 reference at most 2x that of PyTorch in the same dtype."""
-    err = (mine.double() - exact.double()).abs().max().item()
-    budget = (low.double() - exact.double()).abs().max().item()
-    assert err <= 2 * budget + 1e-4, f"{what}: error {err:.3g} > 2 x {budget:.3g}"
-
-
 def _attention_and_grads(fn, inputs, grad):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves)
@@ -232,10 +210,10 @@ def _check_attention(emu, q, k, v, cu_seqlens, max_seqlen, pieces):
             return reference.attention(*(t.float() for t in leaves), scale)[0]
 
         exact, exact_grads = _attention_and_grads(exact_fn, inputs, g.float())
-        low, low_grads = _attention_and_grads(lambda *t: _low_precision_attention(*t, scale), inputs, g)
-        _check_close_to_fp32(out_[None, start:end], low, exact, f"out[{start}:{end}]")
+        low, low_grads = _attention_and_grads(lambda *t: low_precision_attention(*t, scale), inputs, g)
+        check_close_to_fp32(out_[None, start:end], low, exact, f"out[{start}:{end}]")
         for name, mine, lo, ex in zip("qkv", grads, low_grads, exact_grads, strict=True):
-            _check_close_to_fp32(mine[None, start:end], lo, ex, f"d{name}[{start}:{end}]")
+            check_close_to_fp32(mine[None, start:end], lo, ex, f"d{name}[{start}:{end}]")
         exact_lse = reference.attention(*(t.float() for t in inputs), scale)[1][0]
         torch.testing.assert_close(lse_[:, start:end], exact_lse, rtol=1e-3, atol=1e-3)
 

@@ -16,6 +16,15 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from cuda_cases import (
+    FLOAT_DTYPES,
+    GATHER_SHAPES,
+    HALF_DTYPES,
+    LOSS_SHAPES,
+    TOL,
+    check_close_to_fp32,
+    low_precision_attention,
+)
 
 from mae_fast import _extension, dispatch, reference
 from mae_fast.ops import (
@@ -28,11 +37,6 @@ from mae_fast.ops import (
 )
 
 pytestmark = pytest.mark.gpu
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-# Tolerance of a value of order 1 computed in each dtype (a few ulps), for ops that round once or twice.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -55,21 +59,6 @@ def _random_ids(batch: int, length: int, keep: int) -> torch.Tensor:
 
 
 # --- patchify_gather -----------------------------------------------------------------------------------
-
-GATHER_SHAPES = [  # (B, C, H, W, p, K): vector paths (p % 4 == 0, C in 1/3/4) and scalar ones
-    (2, 3, 32, 32, 8, 5),
-    (3, 1, 28, 28, 7, 4),
-    (2, 3, 16, 24, 4, 6),
-    (1, 4, 16, 16, 8, 4),
-    (2, 2, 12, 12, 6, 3),
-    (2, 3, 64, 48, 16, 12),
-    # the grid of tests/test_triton_gather_ops.py
-    (1, 1, 8, 8, 8, 1),
-    (2, 3, 28, 42, 14, 6),
-    (3, 3, 16, 40, 4, 7),
-    (2, 1, 24, 16, 8, 1),
-    (1, 20, 8, 8, 4, 2),
-]
 
 
 @pytest.mark.parametrize("shape", GATHER_SHAPES)
@@ -224,17 +213,6 @@ def test_unshuffle_mask_tokens_forward_backward(shape, dtype, with_pos):
 # --- masked_mse_loss -----------------------------------------------------------------------------------
 
 # (B, C, H, W, p); the last five are the grid of tests/test_triton_masked_mse.py
-LOSS_SHAPES = [
-    (2, 3, 32, 32, 8),
-    (3, 1, 28, 28, 7),
-    (2, 3, 32, 48, 16),
-    (2, 3, 28, 28, 14),
-    (1, 3, 14, 28, 14),
-    (2, 1, 24, 16, 8),
-    (2, 3, 12, 20, 4),
-    (3, 3, 40, 56, 8),
-    (1, 3, 32, 48, 16),
-]
 
 
 @pytest.mark.parametrize("shape", LOSS_SHAPES)
@@ -294,24 +272,10 @@ def test_random_masking_equals_stable_argsort(length, dtype):
 # --- visible_attention ---------------------------------------------------------------------------------
 
 
-def _attention_low_precision(q, k, v, scale):
-    """Attention computed in q's dtype by PyTorch: the error budget a same-precision kernel may have."""
-    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.einsum("bhnm,bmhd->bnhd", probs, v)
-
-
 def _qkv(b, n, heads, d, dtype):
     """q, k, v as the strided views of one fused qkv activation (what the Attention module passes)."""
     qkv = torch.randn(b, n, 3, heads, d, device="cuda", dtype=dtype, requires_grad=True)
     return list(qkv.unbind(2))
-
-
-def _check_close_to_fp32(mine, low, ref, what):
-    """FlashAttention's criterion: error vs the fp32 reference at most 2x that of PyTorch in the same dtype."""
-    err = (mine.double() - ref.double()).abs().max().item()
-    budget = (low.double() - ref.double()).abs().max().item()
-    assert err <= 2 * budget + 1e-4, f"{what}: error {err:.3g} > 2 x {budget:.3g}"
 
 
 # (B, N, H, d): with the N <= 256 cases of tests/test_attention.py (N = 1, 2, 49, 50, 65, 127, 197)
@@ -343,14 +307,14 @@ def test_visible_attention_fixed_length(case, dtype):
     ref = reference.attention(*ref_inputs, scale)[0]
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad.float())
     low_inputs = [_leaf(t) for t in (q, k, v)]
-    low = _attention_low_precision(*low_inputs, scale)
+    low = low_precision_attention(*low_inputs, scale)
     low_grads = torch.autograd.grad(low, low_inputs, grad)
-    _check_close_to_fp32(out, low, ref, "out")
+    check_close_to_fp32(out, low, ref, "out")
     for name, mine, lo, r in zip("qkv", (dq, dk, dv), low_grads, ref_grads, strict=True):
-        _check_close_to_fp32(mine, lo, r, f"d{name}")
+        check_close_to_fp32(mine, lo, r, f"d{name}")
     if dispatch.explain("visible_attention", q, k, v, None, None, None)["triton"] is None:
         triton = visible_attention(q, k, v, backend="triton")
-        _check_close_to_fp32(out, low, triton, "out vs triton")
+        check_close_to_fp32(out, low, triton, "out vs triton")
 
 
 @pytest.mark.parametrize("lengths", [[5, 50, 129, 0, 256], [49, 49, 49], [1, 200, 17]])
@@ -372,12 +336,12 @@ def test_visible_attention_varlen(lengths, dtype, d):
     pieces = []
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         if end > start:
-            pieces.append(_attention_low_precision(*(t[None, start:end] for t in low_inputs), d**-0.5)[0])
+            pieces.append(low_precision_attention(*(t[None, start:end] for t in low_inputs), d**-0.5)[0])
     low = torch.cat(pieces)
     low_grads = torch.autograd.grad(low, low_inputs, grad)
-    _check_close_to_fp32(out, low, ref, "out")
+    check_close_to_fp32(out, low, ref, "out")
     for name, mine, lo, r in zip("qkv", grads, low_grads, ref_grads, strict=True):
-        _check_close_to_fp32(mine, lo, r, f"d{name}")
+        check_close_to_fp32(mine, lo, r, f"d{name}")
 
 
 def test_visible_attention_is_deterministic():
