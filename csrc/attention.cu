@@ -335,11 +335,16 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(RowView
     block_gemm<T, true>(qs, row_pitch(D), ks, row_pitch(D), f, ldf, M / 16, nc / 16, D / 16);
     block_gemm<T, true>(dos, row_pitch(D), vs, row_pitch(D), g, ldf, M / 16, nc / 16, D / 16);
     __syncthreads();
-    // D[r] = sum_c P[r][c] dP[r][c] in fp32, one warp per row; also stored for the dK/dV kernel.
+    // P replaces the scores in f, and D[r] = sum_c P[r][c] dP[r][c] in fp32, one warp per row; D is also
+    // stored for the dK/dV kernel.
     for (int r = warp; r < M; r += kWarps) {
       float acc = 0.f;
       if (r < rows) {
-        for (int c = lane; c < n; c += 32) acc += exp2f(f[r * ldf + c] * scale_log2 - lse_s[r]) * g[r * ldf + c];
+        for (int c = lane; c < n; c += 32) {
+          const float p = exp2f(f[r * ldf + c] * scale_log2 - lse_s[r]);
+          f[r * ldf + c] = p;
+          acc += p * g[r * ldf + c];
+        }
       }
       acc = warp_sum(acc);
       if (lane == 0) {
@@ -351,8 +356,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(RowView
     for (int idx = threadIdx.x; idx < M * nc; idx += blockDim.x) {
       const int r = idx / nc, c = idx % nc;
       const bool valid = r < rows && c < n;
-      const float p = valid ? exp2f(f[r * ldf + c] * scale_log2 - lse_s[r]) : 0.f;
-      dscores[r * ldp + c] = from_float<T>(valid ? p * (g[r * ldf + c] - delta_s[r]) : 0.f);
+      dscores[r * ldp + c] = from_float<T>(valid ? f[r * ldf + c] * (g[r * ldf + c] - delta_s[r]) : 0.f);
     }
     __syncthreads();
     block_gemm<T, false>(dscores, ldp, ks, row_pitch(D), f, ldf, M / 16, D / 16, nc / 16);
@@ -527,13 +531,12 @@ std::tuple<at::Tensor, at::Tensor> visible_attention_forward_cuda(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t max_seqlen, double scale) {
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale) {
   const Checked c = check_inputs(q_in, k_in, v_in, cu_seqlens, max_seqlen);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out_in, "grad_out"}, {out_in, "out"}}) {
-    TORCH_CHECK(t.sizes() == q_in.sizes() && t.scalar_type() == q_in.scalar_type() && t.device() == q_in.device(), name,
-                " must match q (", q_in.sizes(), " ", q_in.scalar_type(), "), got ", t.sizes(), " ", t.scalar_type());
-  }
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && grad_out_in.scalar_type() == q_in.scalar_type() &&
+                  grad_out_in.device() == q_in.device(),
+              "grad_out must match q (", q_in.sizes(), " ", q_in.scalar_type(), "), got ", grad_out_in.sizes(), " ",
+              grad_out_in.scalar_type());
   TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == c.heads && lse_in.size(1) == c.total_tokens &&
                   lse_in.scalar_type() == at::kFloat && lse_in.device() == q_in.device(),
               "lse must be fp32 [H, T] = [", c.heads, ", ", c.total_tokens, "], got ", lse_in.sizes(), " ",
@@ -541,7 +544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
   const at::Tensor grad_out = readable(grad_out_in.contiguous());  // contiguous and 16-byte aligned
-  const at::Tensor lse = lse_in.contiguous();  // out is checked but not read: the dQ kernel computes D itself
+  const at::Tensor lse = lse_in.contiguous();
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty(q.sizes(), contiguous);
   at::Tensor dk = at::empty(q.sizes(), contiguous);

@@ -25,7 +25,7 @@ TORCH_LIBRARY(mae_fast, m) {
       "visible_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, float scale) -> "
       "(Tensor, Tensor)");
   m.def(
-      "visible_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "visible_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, "
       "Tensor? cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -50,8 +50,8 @@ std::tuple<at::Tensor, at::Tensor> visible_attention_forward_cuda(const at::Tens
                                                                   int64_t max_seqlen, double scale);
 // -> (dq, dk, dv), contiguous, q's shape.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale);
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale);
 // Bytes of shared memory the attention kernels need at least (16-row strips) for this length and head dim.
 int64_t visible_attention_shared_memory(int64_t max_seqlen, int64_t head_dim);
 

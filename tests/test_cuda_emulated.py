@@ -198,7 +198,7 @@ def _check_attention(emu, q, k, v, cu_seqlens, max_seqlen, pieces):
     scale = d**-0.5
     out, lse = emu.visible_attention(q, k, v, cu_seqlens, max_seqlen, scale)
     grad = torch.randn_like(out)
-    dq, dk, dv = emu.visible_attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+    dq, dk, dv = emu.visible_attention_backward(grad, q, k, v, lse, cu_seqlens, max_seqlen, scale)
     packed = [t.reshape(-1, *t.shape[-2:]) for t in (q, k, v, out, grad, dq, dk, dv)]
     q_, k_, v_, out_, grad_, *grads = packed
     lse_ = lse.reshape(lse.shape[0], -1)
@@ -282,7 +282,7 @@ def _opcheck_cases():
         "random_masking": (torch.rand(2, 6), 3),
         "visible_attention": (*qkv, None, 17, 0.2),
         "visible_attention_packed": (*packed, cu, 15, 0.2),
-        "visible_attention_backward": (torch.randn_like(out), *(t.detach() for t in qkv), out, lse, None, 17, 0.2),
+        "visible_attention_backward": (torch.randn_like(out), *(t.detach() for t in qkv), lse, None, 17, 0.2),
     }
 
 

@@ -40,7 +40,7 @@ SCHEMAS = {
         "-> (Tensor, Tensor)"
     ),
     "visible_attention_backward": (
-        "mae_fast::visible_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "mae_fast::visible_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, "
         "Tensor? cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)"
     ),
 }
@@ -226,20 +226,19 @@ def _attention_fake(q, k, v, cu_seqlens, max_seqlen, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[-2], tokens, dtype=torch.float32)
 
 
-def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+def _attention_backward_fake(grad_out, q, k, v, lse, cu_seqlens, max_seqlen, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _attention_setup(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.save_for_backward(q, k, v, output[1], cu_seqlens)
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = ctx.ops.visible_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    q, k, v, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = ctx.ops.visible_attention_backward(grad_out, q, k, v, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
