@@ -83,17 +83,32 @@ def measure(
             fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none), quantiles=[0.5, 0.2, 0.8]
         )
         return Timing(float(median), float(p20), float(p80), "triton.testing.do_bench (CUDA events, L2 flushed)")
+    return _cpu_timing(lambda: _reset_grads(grad_to_none), fn, smoke)
+
+
+def _reset_grads(tensors: Sequence[torch.Tensor]) -> None:
+    for tensor in tensors:
+        tensor.grad = None
+
+
+def _timing(samples_ms: Sequence[float], timer: str) -> Timing:
+    q = torch.tensor(samples_ms, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return Timing(float(q[0]), float(q[1]), float(q[2]), timer)
+
+
+def _cpu_timing(prepare: Callable[[], object], fn: Callable[[], object], smoke: bool) -> Timing:
+    """perf_counter around ``fn`` with ``prepare()`` untimed before each call (in smoke mode the correctness
+    check's call is the only warm-up)."""
     if not smoke:
+        prepare()
         fn()
     samples = []
     for _ in range(2 if smoke else 10):
-        for tensor in grad_to_none:
-            tensor.grad = None
+        prepare()
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    q = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return Timing(float(q[0]), float(q[1]), float(q[2]), "time.perf_counter on the CPU (not a GPU claim)")
+    return _timing(samples, "time.perf_counter on the CPU (not a GPU claim)")
 
 
 def measure_with_setup(
@@ -108,44 +123,32 @@ def measure_with_setup(
     that frees its graph): only ``fn`` is timed, each call between two CUDA events after an L2 flush."""
 
     def prepare():
-        for tensor in grad_to_none:
-            tensor.grad = None
+        _reset_grads(grad_to_none)
         setup()
 
-    if device.type == "cuda":
-        flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    if device.type != "cuda":
+        return _cpu_timing(prepare, fn, smoke)
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
 
-        def timed_call():
-            prepare()
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            return start, end
+    def timed_call():
+        prepare()
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        return start, end
 
-        for _ in range(3):
-            timed_call()
-        start, end = timed_call()
-        torch.cuda.synchronize(device)
-        reps = int(min(1000, max(10, rep_ms / max(start.elapsed_time(end), 1e-3))))
-        events = [timed_call() for _ in range(reps)]
-        torch.cuda.synchronize(device)
-        samples = [start.elapsed_time(end) for start, end in events]
-        timer = "CUDA events around each call (set-up untimed, L2 flushed)"
-    else:
-        if not smoke:
-            prepare()
-            fn()
-        samples = []
-        for _ in range(2 if smoke else 10):
-            prepare()
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        timer = "time.perf_counter on the CPU (not a GPU claim)"
-    q = torch.tensor(samples, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return Timing(float(q[0]), float(q[1]), float(q[2]), timer)
+    for _ in range(3):
+        timed_call()
+    start, end = timed_call()
+    torch.cuda.synchronize(device)
+    reps = int(min(1000, max(10, rep_ms / max(start.elapsed_time(end), 1e-3))))
+    events = [timed_call() for _ in range(reps)]
+    torch.cuda.synchronize(device)
+    return _timing(
+        [start.elapsed_time(end) for start, end in events], "CUDA events around each call (set-up untimed, L2 flushed)"
+    )
 
 
 def rotation_count(bytes_per_set: int, device: torch.device) -> int:
