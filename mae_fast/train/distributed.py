@@ -9,7 +9,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 
 @dataclass
@@ -74,6 +79,11 @@ def full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_state_dict(model, optimizer, options=options)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The model's part of :func:`full_state` alone (no copy of the optimizer's state)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model: nn.Module, optimizer, model_state: dict, optim_state: dict) -> None:

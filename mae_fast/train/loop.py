@@ -335,7 +335,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
                 metrics.close()
 
     result.checkpoint = save(step)
-    model_state, _ = distributed.full_state(model, optimizer)
+    model_state = distributed.full_model_state(model)
     if ctx.is_main:
         result.export = os.path.join(config.output_dir, "mae_pretrain.pth")
         checkpointing.atomic_save({"model": model_state, "args": config.to_dict()}, result.export)
