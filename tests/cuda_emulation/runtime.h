@@ -347,7 +347,6 @@ cudaError_t func_set_attribute(Kernel kernel, cudaFuncAttribute attribute, int v
 #define blockIdx (::mae_fast_emu::block_index())
 #define blockDim (::mae_fast_emu::block_dim())
 #define gridDim (::mae_fast_emu::grid_dim())
-#define warpSize (::mae_fast_emu::kWarpSize)
 
 inline void __syncthreads() { ::mae_fast_emu::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::mae_fast_emu::syncwarp(mask); }
@@ -361,12 +360,6 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
 }
 
 template <typename T>
-T __shfl_sync(unsigned mask, T value, int source_lane, int width = 32) {
-  const int lane = ::mae_fast_emu::current_thread().lane;
-  return ::mae_fast_emu::exchange(mask, value, lane / width * width + source_lane % width);
-}
-
-template <typename T>
 T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
   const int lane = ::mae_fast_emu::current_thread().lane;
   const int source = lane + static_cast<int>(delta);
@@ -375,54 +368,24 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
 
 // Threads of a block never run at the same time, so plain read-modify-writes are atomic.
 template <typename T>
-T atomicAdd(T* address, T value) {
-  const T old = *address;
-  *address = old + value;
-  return old;
-}
-template <typename T>
 T atomicMin(T* address, T value) {
   const T old = *address;
   *address = std::min(old, value);
   return old;
 }
-template <typename T>
-T atomicMax(T* address, T value) {
-  const T old = *address;
-  *address = std::max(old, value);
-  return old;
-}
 
 // CUDA's device code has these in the global namespace.
-using std::isfinite;
-using std::isinf;
 using std::isnan;
 
 template <typename A, typename B>
 std::common_type_t<A, B> min(A a, B b) {
   return b < a ? b : a;
 }
-template <typename A, typename B>
-std::common_type_t<A, B> max(A a, B b) {
-  return a < b ? b : a;
-}
 
 inline unsigned __float_as_uint(float x) {
   unsigned bits;
   std::memcpy(&bits, &x, sizeof(bits));
   return bits;
-}
-inline float __uint_as_float(unsigned bits) {
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-}
-inline float __expf(float x) { return std::exp(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-template <typename T>
-T __ldg(const T* address) {
-  return *address;
 }
 
 // --- WMMA ----------------------------------------------------------------------------------------------
@@ -463,13 +426,6 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& frag, const T* pointer,
   constexpr bool column_major = std::is_same<Layout, col_major>::value;
   for (int r = 0; r < Frag::rows; ++r)
     for (int c = 0; c < Frag::cols; ++c) frag.x[r * Frag::cols + c] = column_major ? pointer[c * ldm + r] : pointer[r * ldm + c];
-}
-
-template <int M, int N, int K, typename T>
-void load_matrix_sync(fragment<accumulator, M, N, K, T>& frag, const T* pointer, unsigned ldm, layout_t layout) {
-  check_tile_access(pointer, ldm);
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c) frag.x[r * N + c] = layout == mem_col_major ? pointer[c * ldm + r] : pointer[r * ldm + c];
 }
 
 template <int M, int N, int K, typename T>
