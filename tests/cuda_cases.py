@@ -23,7 +23,7 @@ GATHER_SHAPES = [  # (B, C, H, W, p, K): vector paths (p % 4 == 0, C in 1/3/4) a
     (1, 20, 8, 8, 4, 2),
 ]
 
-LOSS_SHAPES = [
+LOSS_SHAPES = [  # (B, C, H, W, p); the last five are the grid of tests/test_triton_masked_mse.py
     (2, 3, 32, 32, 8),
     (3, 1, 28, 28, 7),
     (2, 3, 32, 48, 16),

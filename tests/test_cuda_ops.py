@@ -212,8 +212,6 @@ def test_unshuffle_mask_tokens_forward_backward(shape, dtype, with_pos):
 
 # --- masked_mse_loss -----------------------------------------------------------------------------------
 
-# (B, C, H, W, p); the last five are the grid of tests/test_triton_masked_mse.py
-
 
 @pytest.mark.parametrize("shape", LOSS_SHAPES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
