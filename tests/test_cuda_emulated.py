@@ -197,7 +197,7 @@ def _check_attention(emu, q, k, v, cu_seqlens, max_seqlen, pieces):
     d = q.shape[-1]
     scale = d**-0.5
     out, lse = emu.visible_attention(q, k, v, cu_seqlens, max_seqlen, scale)
-    grad = torch.randn_like(out)
+    grad = torch.randn(out.shape).to(out.dtype)  # fp32 draws: torch's fp16 / bf16 ones vary by version
     dq, dk, dv = emu.visible_attention_backward(grad, q, k, v, lse, cu_seqlens, max_seqlen, scale)
     packed = [t.reshape(-1, *t.shape[-2:]) for t in (q, k, v, out, grad, dq, dk, dv)]
     q_, k_, v_, out_, grad_, *grads = packed

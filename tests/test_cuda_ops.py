@@ -58,6 +58,12 @@ def _random_ids(batch: int, length: int, keep: int) -> torch.Tensor:
     return torch.argsort(torch.rand(batch, length, device="cuda"), dim=1)[:, :keep].contiguous()
 
 
+def _randn(*shape, dtype=torch.float32) -> torch.Tensor:
+    """Standard-normal draws in fp32, cast to ``dtype``: torch's own fp16 / bf16 draws for one seed differ
+    between torch versions, and the tolerances below must not depend on them."""
+    return torch.randn(*shape, device="cuda").to(dtype)
+
+
 # --- patchify_gather -----------------------------------------------------------------------------------
 
 
@@ -107,9 +113,9 @@ def test_patch_embed_gather_forward_backward(shape, dtype, with_bias_pos):
     length = (h // p) * (w // p)
     ids = _random_ids(b, length, k)
     inputs = {
-        "imgs": torch.randn(b, c, h, w, device="cuda", dtype=dtype),
-        "weight": torch.randn(dim, c, p, p, device="cuda", dtype=dtype) / (c * p * p) ** 0.5,
-        "bias": torch.randn(dim, device="cuda", dtype=dtype) if with_bias_pos else None,
+        "imgs": _randn(b, c, h, w, dtype=dtype),
+        "weight": _randn(dim, c, p, p, dtype=dtype) / (c * p * p) ** 0.5,
+        "bias": _randn(dim, dtype=dtype) if with_bias_pos else None,
         "pos_embed": torch.randn(1, length, dim, device="cuda") if with_bias_pos else None,
     }
     mine = {name: None if t is None else _leaf(t) for name, t in inputs.items()}
@@ -118,7 +124,7 @@ def test_patch_embed_gather_forward_backward(shape, dtype, with_bias_pos):
     expected = reference.patch_embed_gather(ref["imgs"], ids, ref["weight"], ref["bias"], ref["pos_embed"])
     tol = TOL[dtype] * 4
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
-    grad = torch.randn_like(out)
+    grad = _randn(*out.shape, dtype=out.dtype)
     out.backward(grad)
     expected.backward(grad.double())
     for name, leaf in mine.items():
@@ -140,7 +146,7 @@ def test_patch_embed_gather_under_autocast():
         torch.randn(dim, device="cuda"),
         torch.randn(1, length, dim, device="cuda"),
     )
-    grad = torch.randn(b, k, dim, device="cuda", dtype=torch.bfloat16)
+    grad = _randn(b, k, dim, dtype=torch.bfloat16)
     results = {}
     for backend in ("cuda", "reference"):
         leaves = [_leaf(t) for t in inputs]
@@ -180,7 +186,7 @@ UNSHUFFLE_SHAPES = [
 def test_unshuffle_mask_tokens_forward_backward(shape, dtype, with_pos):
     b, k, length, dim = shape
     ids_restore = torch.argsort(torch.argsort(torch.rand(b, length, device="cuda"), dim=1), dim=1)
-    x = _leaf(torch.randn(b, k + 1, dim, device="cuda", dtype=dtype))
+    x = _leaf(_randn(b, k + 1, dim, dtype=dtype))
     mask_token = _leaf(torch.randn(1, 1, dim, device="cuda"))
     pos = _leaf(torch.randn(1, length + 1, dim, device="cuda")) if with_pos else None
     out = unshuffle_mask_tokens(x, mask_token, ids_restore, pos, backend="cuda")
@@ -189,7 +195,7 @@ def test_unshuffle_mask_tokens_forward_backward(shape, dtype, with_pos):
         x_ref, mask_token.detach(), ids_restore, None if pos is None else pos.detach()
     )
     assert torch.equal(out, expected)  # same casts, one rounding per element
-    grad = torch.randn_like(out)
+    grad = _randn(*out.shape, dtype=out.dtype)
     out.backward(grad)
     expected.backward(grad)
     assert torch.equal(x.grad, x_ref.grad)
@@ -220,7 +226,7 @@ def test_masked_mse_loss_forward_backward(shape, dtype, norm_pix):
     b, c, h, w, p = shape
     length = (h // p) * (w // p)
     imgs = torch.rand(b, c, h, w, device="cuda") * 4 + 1  # a mean far from 0 tests the variance numerics
-    pred = torch.randn(b, length, p * p * c, device="cuda", dtype=dtype)
+    pred = _randn(b, length, p * p * c, dtype=dtype)
     ratio = 0.75 if length >= 4 else 0.5  # 0.75 keeps int(2 * 0.25) = 0 of 2 patches: random_masking refuses it
     mask = random_masking(b, length, ratio, device="cuda", backend="reference")[2]
     leaf = _leaf(pred)
@@ -272,7 +278,7 @@ def test_random_masking_equals_stable_argsort(length, dtype):
 
 def _qkv(b, n, heads, d, dtype):
     """q, k, v as the strided views of one fused qkv activation (what the Attention module passes)."""
-    qkv = torch.randn(b, n, 3, heads, d, device="cuda", dtype=dtype, requires_grad=True)
+    qkv = _randn(b, n, 3, heads, d, dtype=dtype).requires_grad_()
     return list(qkv.unbind(2))
 
 
@@ -299,7 +305,7 @@ def test_visible_attention_fixed_length(case, dtype):
     scale = d**-0.5
     out = visible_attention(q, k, v, backend="cuda")
     assert out.shape == q.shape and out.dtype == dtype
-    grad = torch.randn_like(out)
+    grad = _randn(*out.shape, dtype=out.dtype)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
     ref_inputs = [_leaf(t.float()) for t in (q, k, v)]
     ref = reference.attention(*ref_inputs, scale)[0]
@@ -322,9 +328,9 @@ def test_visible_attention_varlen(lengths, dtype, d):
     heads = 2
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device="cuda", dtype=torch.int32)
     total = int(cu[-1])
-    q, k, v = (_leaf(torch.randn(total, heads, d, device="cuda", dtype=dtype)) for _ in range(3))
+    q, k, v = (_leaf(_randn(total, heads, d, dtype=dtype)) for _ in range(3))
     out = visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), backend="cuda")
-    grad = torch.randn_like(out)
+    grad = _randn(*out.shape, dtype=out.dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     ref_inputs = [_leaf(t.float()) for t in (q, k, v)]
     ref = reference.varlen_attention(*ref_inputs, cu, d**-0.5)[0]
