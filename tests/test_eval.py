@@ -6,8 +6,8 @@ from train_helpers import TINY
 
 from mae_fast.cli import main
 from mae_fast.train import TrainConfig, pretrain
-from mae_fast.train.eval import extract_features, knn_accuracy, linear_probe_accuracy, model_from_checkpoint
-from mae_fast.train.loop import build_model
+from mae_fast.train.eval import extract_features, knn_accuracy, linear_probe_accuracy
+from mae_fast.train.runmodel import build_model, model_from_checkpoint
 
 
 def _clusters(n_per_class, classes=4, dim=16, spread=0.3, seed=0):

@@ -2,7 +2,8 @@
 
 Submodules: ``config`` (TrainConfig), ``data`` (embedded Fashion-MNIST, ImageFolder, synthetic), ``schedule``
 (lr rule, AdamW groups), ``checkpointing`` (atomic, exact resume), ``distributed`` (torchrun, DDP / FSDP2),
-``loop`` (``pretrain``), ``visualize`` (reconstruction grids, loss curve), ``eval`` (kNN, linear probe).
+``runmodel`` (the run's model: built from a config, loaded from a checkpoint), ``loop`` (``pretrain``),
+``visualize`` (reconstruction grids, loss curve), ``eval`` (kNN, linear probe).
 """
 
 from mae_fast.train.config import TrainConfig

@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo_knn(export: str) -> None:
-    from mae_fast.train.eval import evaluate, model_from_checkpoint
+    from mae_fast.train.eval import evaluate
+    from mae_fast.train.runmodel import model_from_checkpoint
 
     start = time.perf_counter()
     scores = {}

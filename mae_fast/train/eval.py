@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -17,37 +16,7 @@ from torch import nn
 
 from mae_fast.train import data
 from mae_fast.train.config import FEATURE_POOLS, TrainConfig
-
-
-def model_from_checkpoint(path: str, random_init: bool = False):
-    """(model on the CPU, TrainConfig) from a training checkpoint or an export of ``mae-fast pretrain``.
-
-    ``random_init=True`` returns the same architecture at the run's initialisation (same seed), the
-    baseline the pretrained encoder is compared with.
-    """
-    from mae_fast.models import load_checkpoint
-    from mae_fast.train.loop import build_model
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    values = state.get("config") or state.get("args")
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} holds no run config ('config' or 'args'): was it written by mae-fast pretrain?")
-    config = TrainConfig.from_dict({**values, "device": "cpu", "backend": "auto"})
-    model = build_model(config, torch.device("cpu"))
-    if not random_init:
-        load_checkpoint(model, state)
-    return model.eval(), config
-
-
-def normalisation(config: TrainConfig) -> tuple[tuple, tuple]:
-    """The (mean, std) per channel the run normalised its images with."""
-    if config.data == "fashion-mnist":
-        return data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD
-    if config.data == "imagefolder":
-        return data.IMAGENET_MEAN, data.IMAGENET_STD
-    return (0.0,) * 3, (1.0,) * 3
+from mae_fast.train.runmodel import model_from_checkpoint
 
 
 @torch.no_grad()

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mae_fast.models import create_model
 from mae_fast.train import checkpointing, data, distributed, schedule
 from mae_fast.train.config import TrainConfig
+from mae_fast.train.runmodel import build_model, resolve_device
+from mae_fast.train.visualize import save_loss_curve, save_reconstruction_grid
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,40 +43,6 @@ class PretrainResult:
     export: str | None = None
     skipped_steps: int = 0
     bad_images: int = 0
-
-
-def resolve_device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
-
-def resolve_backend(config: TrainConfig, device: torch.device) -> str:
-    """The op backend: as configured, except that "auto" means the reference ops on the CPU (Triton's
-    interpreter is for testing kernels, far too slow to train with)."""
-    return "reference" if config.backend == "auto" and device.type == "cpu" else config.backend
-
-
-def data_in_chans(config: TrainConfig) -> int:
-    return 1 if config.data == "fashion-mnist" else 3
-
-
-def build_model(config: TrainConfig, device: torch.device):
-    """The MAE of ``config``, initialised from config.seed (so every rank and every rerun starts the same)
-    without touching the global random state."""
-    probe_kwargs = {**config.model_kwargs, "in_chans": data_in_chans(config), "depth": 0, "decoder_depth": 0}
-    img_size = data.default_img_size(config, create_model(config.model, **probe_kwargs).img_size[0])
-    kwargs = {
-        **config.model_kwargs,
-        "img_size": img_size,
-        "in_chans": data_in_chans(config),
-        "norm_pix_loss": config.norm_pix_loss,
-        "backend": resolve_backend(config, device),
-    }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = create_model(config.model, **kwargs)
-    return model.to(device)
 
 
 class _StopFlag:
@@ -340,8 +307,6 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
         result.export = os.path.join(config.output_dir, "mae_pretrain.pth")
         checkpointing.atomic_save({"model": model_state, "args": config.to_dict()}, result.export)
         if config.visualize and result.history:
-            from mae_fast.train.visualize import save_loss_curve
-
             save_loss_curve(result.history, os.path.join(config.output_dir, "loss_curve.png"))
     distributed.barrier(ctx)
     return result
@@ -379,8 +344,6 @@ def _vis_batch(config: TrainConfig, train_data, model) -> dict:
 
 def _save_pictures(config: TrainConfig, model_state: dict, vis_batch: dict, step: int) -> None:
     """The reconstruction grid of ``vis_batch``, from a CPU copy of the weights (works for any sharding)."""
-    from mae_fast.train.visualize import save_reconstruction_grid
-
     cpu_config = TrainConfig.from_dict({**config.to_dict(), "device": "cpu"})
     snapshot = build_model(cpu_config, torch.device("cpu"))
     snapshot.load_state_dict(model_state)

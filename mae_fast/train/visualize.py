@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from mae_fast.train.runmodel import model_from_checkpoint, normalisation
+
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 
@@ -136,8 +138,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mae_fast.train.eval import model_from_checkpoint, normalisation
-
     model, config = model_from_checkpoint(args.checkpoint)
     mask_ratio = config.mask_ratio if args.mask_ratio is None else args.mask_ratio
     if not 0.0 <= mask_ratio < 1.0:
