@@ -1,11 +1,24 @@
-"""The command line: info runs and lists every subcommand."""
+"""The command line: info runs, every subcommand is listed, only the selected one is imported, and a regular
+install (no benchmarks/ next to mae_fast/) keeps every subcommand but bench working."""
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from mae_fast import cli, info
+from mae_fast import bench, cli, info
+
+REPO = Path(__file__).resolve().parent.parent
+OWN_OPTIONS = {
+    "info": "show this help message",
+    "bench": "--smoke",
+    "pretrain": "--mask-ratio",
+    "visualize": "--out",
+    "eval": "--random-init",
+}
 
 
 def test_info_reports_versions_extension_and_backends():
@@ -20,9 +33,95 @@ def test_python_dash_m_info():
     assert "backends on" in result.stdout
 
 
-def test_every_subcommand_is_listed_in_the_help(capsys):
-    with pytest.raises(SystemExit):
+def test_every_subcommand_is_listed_in_the_help_with_its_help_line(capsys):
+    with pytest.raises(SystemExit) as exited:
         cli.main(["--help"])
+    assert exited.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    for name, (_, help_text) in cli.SUBCOMMANDS.items():
+        assert name in out and help_text in out
+
+
+@pytest.mark.parametrize("command", sorted(cli.SUBCOMMANDS))
+def test_each_subcommand_help_shows_its_own_options(command, capsys):
+    assert set(OWN_OPTIONS) == set(cli.SUBCOMMANDS)
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--help"])
+    assert exited.value.code == 0
     out = capsys.readouterr().out
-    for name in cli.SUBCOMMANDS:
-        assert name in out
+    assert out.startswith(f"usage: mae-fast {command}")
+    assert OWN_OPTIONS[command] in out
+
+
+def test_only_the_selected_subcommand_module_is_imported():
+    """Fresh interpreters: `--help` imports no subcommand module, `info --help` only info's; `eval --help`
+    imports eval (and what it imports itself), never bench or info."""
+    probe = (
+        "import sys\n"
+        "from mae_fast import cli\n"
+        "try:\n"
+        "    cli.main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(' '.join(sorted(m for m, _ in cli.SUBCOMMANDS.values() if m in sys.modules)))\n"
+    )
+
+    def imported(*argv: str) -> set[str]:
+        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return set(result.stdout.splitlines()[-1].split()) if result.stdout.strip() else set()
+
+    assert imported("--help") == set()
+    assert imported("info", "--help") == {"mae_fast.info"}
+    eval_imports = imported("eval", "--help")
+    assert "mae_fast.train.eval" in eval_imports and not eval_imports & {"mae_fast.bench", "mae_fast.info"}
+
+
+def test_an_unknown_or_missing_subcommand_is_a_usage_error(capsys):
+    for argv in ([], ["no-such-verb"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_without_a_checkout_says_what_it_needs_and_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "CHECKOUT", tmp_path)
+    for argv in (["bench"], ["bench", "--smoke"], ["bench", "--help"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2
+        captured = capsys.readouterr()
+        assert "needs a source checkout" in captured.err and "benchmarks/" in captured.err
+        assert "pip install -e ." in captured.err and not captured.out
+    assert bench.run(None) == 2  # run() on its own says the same
+    assert "needs a source checkout" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # the other subcommands do not need it
+        cli.main(["eval", "--help"])
+    assert exited.value.code == 0
+
+
+def test_a_regular_install_layout_runs_every_subcommand_but_bench(tmp_path):
+    """The installed layout (mae_fast/ with kernels/ as mae_fast/kernels, no benchmarks/) copied outside the
+    checkout and run from there: help works, bench exits 2 with its message, mae_fast comes from the copy.
+    (scripts/check_install.sh does the same with a real pip install and the mae-fast console script.)"""
+    site = tmp_path / "site"
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "mae_fast", site / "mae_fast", ignore=skip)
+    shutil.copytree(REPO / "kernels", site / "mae_fast" / "kernels", ignore=skip, dirs_exist_ok=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"}
+
+    def python(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *argv], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    where = python("-c", "import mae_fast.kernels, mae_fast; print(mae_fast.__file__, mae_fast.kernels.__file__)")
+    assert where.returncode == 0, where.stderr
+    assert all(path.startswith(str(site)) for path in where.stdout.split()), where.stdout
+    for command in ("pretrain", "eval"):
+        result = python("-m", "mae_fast", command, "--help")
+        assert result.returncode == 0 and f"usage: mae-fast {command}" in result.stdout, result.stderr
+    result = python("-m", "mae_fast", "bench")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "needs a source checkout" in result.stderr and str(site) in result.stderr
