@@ -23,7 +23,7 @@ from mae_fast import dispatch, ops, reference
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
-# Shapes at 224 px (mae-spec.md). The decoder is 512 wide with 16 heads for every official model.
+# Shapes at 224 px (docs/mae-spec.md). The decoder is 512 wide with 16 heads for every official model.
 MODEL_SHAPES = {
     "vit_b": dict(img=224, patch=16, dim=768, heads=12, dec_dim=512, dec_heads=16),
     "vit_l": dict(img=224, patch=16, dim=1024, heads=16, dec_dim=512, dec_heads=16),

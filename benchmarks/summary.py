@@ -1,4 +1,4 @@
-"""A short text summary of a results file, and where each target of performance.md stands.
+"""A short text summary of a results file, and where each target of docs/performance.md stands.
 
 Targets are ratios measured side by side in one run (H200, bf16 autocast, batch 256, 224 px). A target
 is "met" or "NOT met" only when both sides were timed; otherwise it is "not measured", with the reason.
@@ -215,9 +215,9 @@ def summarize(doc: dict) -> str:
             )
     lines.append("")
     if not env["claims"]:
-        lines.append("targets (performance.md): judged only on GPU runs")
+        lines.append("targets (docs/performance.md): judged only on GPU runs")
         return "\n".join(lines)
-    lines.append("targets (performance.md):")
+    lines.append("targets (docs/performance.md):")
     for target, verdict, detail in evaluate(doc):
         lines.append(f"  [{verdict}] {target.what} (target {target.threshold:g}): {detail}")
     return "\n".join(lines)

@@ -40,7 +40,7 @@ not measured): the forward reads 57.8 MB of pred (the 147 removed patches of 196
 115.6 MB of pixels and the 0.2 MB mask twice, writes the 77.1 MB gradient (zeros for kept patches)
 and 0.2 MB of partials: ~251 MB. The backward moves nothing for an upstream gradient of 1 (a few KB
 of scalar reads), else 154 MB (it reads and writes the gradient). Fwd+bwd: ~251 MB, against the
-~270 MB that performance.md budgets (it counts all of pred); the earlier design (an O(1) residual for
+~270 MB that docs/performance.md budgets (it counts all of pred); the earlier design (an O(1) residual for
 every dtype, scaled out of place by a second pass) moved ~405 MB. float16 pred always pays the
 154 MB backward.
 

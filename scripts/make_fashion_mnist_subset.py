@@ -1,8 +1,9 @@
 """Regenerate mae_fast/data/fashion_mnist_subset.npz from the original Fashion-MNIST IDX files.
 
 The subset is deterministic: the first 1,000 training and the first 200 test images of each of the 10
-classes, in file order. Source files: Debian's ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist)
-or the four ``*-ubyte.gz`` files of https://github.com/zalandoresearch/fashion-mnist (MIT, (c) 2017 Zalando SE).
+classes, in file order. Source files: the four original ``*-ubyte.gz`` IDX files of Fashion-MNIST (MIT,
+(c) 2017 Zalando SE), as Debian's ``dataset-fashion-mnist`` installs them in /usr/share/datasets/fashion-mnist
+(see docs/toolchain.md, "Real data that can be had here").
 
     python scripts/make_fashion_mnist_subset.py [--source DIR] [--out FILE]
 """
