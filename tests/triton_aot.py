@@ -5,8 +5,9 @@ errors the interpreter accepts), then asks ptxas for the register and spill coun
 shared memory the kernel needs comes from Triton's metadata. A kernel that needs more shared memory than
 one block of that architecture can have compiles fine but fails at launch ("out of resource"), so
 ``compile_reports`` refuses it.
-``compile_reports`` runs a batch of such builds in one fresh process without TRITON_INTERPRET: under
-the interpreter (as in the test process) @triton.jit gives functions Triton's compiler cannot take.
+``compile_reports`` runs a batch of such builds in fresh processes (one unless told more) without
+TRITON_INTERPRET: under the interpreter (as in the test process) @triton.jit gives functions Triton's
+compiler cannot take.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import triton
@@ -90,13 +92,7 @@ def compile_report(
     return KernelReport(kernel.name, arch, registers, int(spills.group(1)), int(spills.group(2)), shared, ptx)
 
 
-def compile_reports(jobs: list[dict]) -> list[dict]:
-    """Build every job in one subprocess; each result is the job plus text, registers, spills, shared_bytes
-    and tensor_cores. Fails when a kernel needs more shared memory than a block of its target can have.
-
-    A job names ``module`` and ``kernel``, gives ``signature`` (the types of the non-constexpr arguments),
-    ``constexprs``, ``arch`` and optionally ``num_warps`` (4), ``num_stages`` (3) and a ``label``.
-    """
+def _build_in_subprocess(jobs: list[dict]) -> list[dict]:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__)],
@@ -107,8 +103,25 @@ def compile_reports(jobs: list[dict]) -> list[dict]:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    reports = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(reports) == len(jobs)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def compile_reports(jobs: list[dict], processes: int = 1) -> list[dict]:
+    """Build every job in ``processes`` subprocesses (jobs dealt out in turn); each result, in the order of
+    ``jobs``, is the job plus text, registers, spills, shared_bytes and tensor_cores. Fails when a kernel
+    needs more shared memory than a block of its target can have.
+
+    A job names ``module`` and ``kernel``, gives ``signature`` (the types of the non-constexpr arguments),
+    ``constexprs``, ``arch`` and optionally ``num_warps`` (4), ``num_stages`` (3) and a ``label``.
+    """
+    processes = max(1, min(processes, len(jobs)))
+    shares = [jobs[first::processes] for first in range(processes)]
+    with ThreadPoolExecutor(processes) as pool:
+        outputs = list(pool.map(_build_in_subprocess, shares))
+    reports = [None] * len(jobs)
+    for first, share_reports in enumerate(outputs):
+        assert len(share_reports) == len(shares[first])
+        reports[first::processes] = share_reports
     too_big = [
         f"{r['text']} (one sm_{r['arch']} block can have {MAX_SHARED_BYTES[r['arch']]} B)"
         for r in reports
