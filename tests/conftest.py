@@ -17,6 +17,21 @@ import pytest  # noqa: E402
 GPU_SKIP_REASON = "needs a CUDA GPU; none is visible here (this test did NOT run: unverified, not passed)"
 
 
+def pytest_configure(config):
+    """Stop at once, with the reason and the fix, where the interpreter these tests need cannot run (one clear
+    error instead of a failure per kernel test); GPU runs, without TRITON_INTERPRET, never stop here."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from mae_fast.kernels._config import interpreter_unusable_reason
+    except Exception:  # an import error is for collection to report, with its traceback
+        return
+    reason = interpreter_unusable_reason()
+    if reason is not None:
+        message = f"the kernel tests need Triton's interpreter without a GPU. {reason}"
+        pytest.exit(message, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
