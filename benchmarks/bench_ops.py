@@ -346,7 +346,7 @@ def attention_case(label, batch, seq, heads, head_dim, device, peers, dtype) -> 
     providers += _mae_fast_providers(
         "visible_attention",
         lambda q, k, v, backend: ops.visible_attention(q, k, v, backend=backend),
-        lambda q, k, v: (q, k, v, None, None, None),
+        lambda q, k, v: (q, k, v, None, q.shape[1], q.shape[-1] ** -0.5),
     )
     return Case(
         "visible_attention",
@@ -398,7 +398,7 @@ def varlen_attention_case(label, batch, seq, heads, head_dim, device, dtype) -> 
     providers += _mae_fast_providers(
         "visible_attention",
         lambda q, k, v, cu, backend: ops.visible_attention(q, k, v, cu, max_len, backend=backend),
-        lambda q, k, v, cu: (q, k, v, cu, max_len, None),
+        lambda q, k, v, cu: (q, k, v, cu, max_len, q.shape[-1] ** -0.5),
     )
     return Case(
         "visible_attention_varlen",

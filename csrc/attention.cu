@@ -531,7 +531,8 @@ std::tuple<at::Tensor, at::Tensor> visible_attention_forward_cuda(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& lse_in, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale) {
+    const at::Tensor& /*out*/, const at::Tensor& lse_in, const std::optional<at::Tensor>& cu_seqlens,
+    int64_t max_seqlen, double scale) {
   const Checked c = check_inputs(q_in, k_in, v_in, cu_seqlens, max_seqlen);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && grad_out_in.scalar_type() == q_in.scalar_type() &&
                   grad_out_in.device() == q_in.device(),

@@ -1,33 +1,11 @@
-// The one binding translation unit of mae_fast._C: op schemas and their CUDA implementations.
-// Kernels live in .cu files that include only ATen/c10 headers (faster builds). The schemas below are
-// mirrored by mae_fast/ops/_cuda_registrations.py (fake implementations, autograd) and checked by tests.
+// The one binding translation unit of mae_fast._C: the CUDA implementations of mae_fast's primitives.
+// Kernels live in .cu files that include only ATen/c10 headers (faster builds). The schemas are defined
+// once, in Python (the ops of mae_fast/ops/ declare them through mae_fast/primitives.py, together with
+// their fakes and autograd formulas), before this module is imported; the dispatcher checks each C++
+// signature below against its schema and refuses a mismatch.
 #include <torch/extension.h>
 
 #include "ops.h"
-
-TORCH_LIBRARY(mae_fast, m) {
-  m.def("patchify(Tensor imgs, int patch_size) -> Tensor");
-  m.def("unpatchify(Tensor patches, int patch_size, int grid_h, int grid_w) -> Tensor");
-  m.def("gather_patches(Tensor imgs, Tensor ids_keep, int patch_size, bool channels_last) -> Tensor");
-  m.def(
-      "scatter_patches(Tensor grad, Tensor ids_keep, int patch_size, bool channels_last, int channels, int height, "
-      "int width) -> Tensor");
-  m.def("patch_embed_gather(Tensor imgs, Tensor ids_keep, Tensor weight, Tensor? bias, Tensor? pos_embed) -> Tensor");
-  m.def("unshuffle_mask_tokens(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed) -> Tensor");
-  m.def(
-      "unshuffle_mask_tokens_backward(Tensor grad, Tensor ids_restore, int len_keep, bool mask_token_grad) -> "
-      "(Tensor, Tensor)");
-  m.def(
-      "masked_mse_loss(Tensor pred, Tensor imgs, Tensor mask, int patch_size, bool norm_pix, float eps) -> "
-      "(Tensor, Tensor)");
-  m.def("random_masking(Tensor noise, int len_keep) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "visible_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, float scale) -> "
-      "(Tensor, Tensor)");
-  m.def(
-      "visible_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, "
-      "Tensor? cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(mae_fast, CUDA, m) {
   m.impl("patchify", &mae_fast::patchify_cuda);

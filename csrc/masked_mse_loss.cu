@@ -101,9 +101,10 @@ __global__ void masked_mse_patch_kernel(const P* __restrict__ pred, const I* __r
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> masked_mse_loss_cuda(const at::Tensor& pred_in, const at::Tensor& imgs_in,
-                                                        const at::Tensor& mask_in, int64_t patch_size, bool norm_pix,
-                                                        double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_mse_loss_cuda(const at::Tensor& pred_in,
+                                                                    const at::Tensor& imgs_in, const at::Tensor& mask_in,
+                                                                    int64_t patch_size, bool norm_pix, double eps,
+                                                                    bool store_grad) {
   MAE_FAST_CHECK_CUDA(pred_in, "pred");
   MAE_FAST_CHECK_SAME_DEVICE(imgs_in, pred_in, "imgs", "pred");
   MAE_FAST_CHECK_SAME_DEVICE(mask_in, pred_in, "mask", "pred");
@@ -155,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> masked_mse_loss_cuda(const at::Tensor& pred_i
   ordered_sum_kernel<<<1, kSumThreads, 0, stream>>>(per_patch.const_data_ptr<float>(), per_patch.numel(),
                                                     mask_sum.const_data_ptr<float>(), loss.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, grad};
+  return {loss, store_grad ? grad : at::empty({0}, pred.options()), mask_sum.reshape({})};
 }
 
 }  // namespace mae_fast

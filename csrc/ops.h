@@ -34,10 +34,11 @@ std::tuple<at::Tensor, at::Tensor> unshuffle_mask_tokens_backward_cuda(const at:
                                                                        const at::Tensor& ids_restore, int64_t len_keep,
                                                                        bool mask_token_grad);
 
-// -> (loss: 0-d fp32, d loss / d pred: pred's shape and dtype), in one pass.
-std::tuple<at::Tensor, at::Tensor> masked_mse_loss_cuda(const at::Tensor& pred, const at::Tensor& imgs,
-                                                        const at::Tensor& mask, int64_t patch_size, bool norm_pix,
-                                                        double eps);
+// -> (loss: 0-d fp32, d loss / d pred for an upstream gradient of 1: pred's shape and dtype, contiguous, or [0]
+// without store_grad; mask_sum: 0-d fp32, the count of removed patches), in one pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_mse_loss_cuda(const at::Tensor& pred, const at::Tensor& imgs,
+                                                                    const at::Tensor& mask, int64_t patch_size,
+                                                                    bool norm_pix, double eps, bool store_grad);
 
 // noise [B, L] (L <= 1024) -> (ids_keep [B, K] int64, ids_restore [B, L] int64, mask [B, L] fp32).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(const at::Tensor& noise, int64_t len_keep);
@@ -48,10 +49,11 @@ std::tuple<at::Tensor, at::Tensor> visible_attention_forward_cuda(const at::Tens
                                                                   const at::Tensor& v,
                                                                   const std::optional<at::Tensor>& cu_seqlens,
                                                                   int64_t max_seqlen, double scale);
-// -> (dq, dk, dv), contiguous, q's shape.
+// -> (dq, dk, dv), contiguous, q's shape. ``out`` is part of the primitive's schema (the Triton backward
+// reads it); these kernels compute D = rowsum(P * dP) in fp32 instead and do not read it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale);
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale);
 // Bytes of shared memory the attention kernels need at least (16-row strips) for this length and head dim.
 int64_t visible_attention_shared_memory(int64_t max_seqlen, int64_t head_dim);
 

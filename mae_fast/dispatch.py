@@ -1,24 +1,33 @@
 """One dispatcher for every hot op: backends "reference", "triton", "cuda" and "auto".
 
-Each op registers one implementation per backend together with a ``check`` that returns ``None`` when
-the implementation can run the given inputs, or a sentence saying why not. The backend is chosen per
-call (``backend=``), per model (the model passes its own) or globally (:func:`set_backend` /
-:func:`use_backend`). On GPU inputs "auto" takes the first backend in :data:`AUTO_ORDER` whose check
-passes; CPU inputs run the reference (Triton's interpreter runs only when asked for by name).
+An op is declared once (:func:`define_op`) with a function that names what its inputs are: the tensors
+by argument name, which of them carry floating-point data, and the sizes a backend may limit (head dim,
+sequence length, patches per image, ...). Each backend registers one implementation per op
+(:func:`register`) together with a :class:`Support` declaration: devices, dtypes, the inputs it
+differentiates, allowed and maximum sizes, the compute capability it needs. One generic function
+(:func:`unsupported`) turns a declaration and the inputs into the sentence :func:`explain` prints, so a
+refusal always says which argument and which limit. What data cannot express (distinct ids per row, the
+shared memory of the device at hand) goes into the declaration's ``extra`` check.
+
+The backend is chosen per call (``backend=``), per model (the model passes its own) or globally
+(:func:`set_backend` / :func:`use_backend`). On GPU inputs "auto" takes the first backend in
+:data:`AUTO_ORDER` that supports them; on CPU inputs it runs the reference (Triton's interpreter runs only
+when asked for by name). Everything here only reads Python state, so torch.compile traces it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 AUTO_ORDER = ("cuda", "triton", "reference")
 _CHOICES = ("auto",) + BACKENDS
+ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class BackendError(RuntimeError):
@@ -26,26 +35,84 @@ class BackendError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Implementation:
-    fn: Callable
-    check: Callable[..., str | None]
+class Inputs:
+    """What an op's call looks like to a support declaration.
+
+    ``tensors``: every tensor argument by name (None for an absent optional one); ``data``: the names of
+    those whose dtype a backend must take; ``sizes``: named sizes a backend may limit; ``compute_dtype``:
+    the dtype the op computes in when that is not the data's (autocast), else None.
+    """
+
+    tensors: Mapping[str, torch.Tensor | None]
+    data: tuple[str, ...]
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    compute_dtype: torch.dtype | None = None
 
 
-_registry: dict[str, dict[str, Implementation]] = {}
-_global_backend = "auto"
-
-
-def _always(*args, **kwargs) -> None:
+def _nothing_missing() -> str | None:
     return None
 
 
-def register(op: str, backend: str, check: Callable[..., str | None] | None = None):
-    """Decorator: register ``fn`` as ``op``'s implementation for ``backend``."""
+@dataclass(frozen=True)
+class Support:
+    """What one backend's implementation of one op can run, as data.
+
+    - ``kernel``: how refusals name the implementation ("the Triton attention kernel").
+    - ``available``: why the backend cannot run at all here (not importable, not built), or None.
+    - ``devices``: device types of the tensors; ``device_hint`` is added to a device refusal.
+    - ``dtypes``: dtypes of the data tensors (or of the compute dtype when the op has one).
+    - ``grad_inputs``: the inputs it differentiates (None: all); a refusal when another requires grad.
+    - ``allowed`` / ``maximum``: per named size, the values it takes / its inclusive upper bound.
+    - ``backward_maximum``: bounds that apply only when some input requires grad (the backward's).
+    - ``min_capability``: the CUDA compute capability it needs.
+    - ``extra``: a check over the op's own arguments for what the fields above cannot say.
+    """
+
+    kernel: str
+    available: Callable[[], str | None] = _nothing_missing
+    devices: tuple[str, ...] | None = None
+    device_hint: str = ""
+    dtypes: tuple[torch.dtype, ...] = ALL_FLOATS
+    grad_inputs: tuple[str, ...] | None = None
+    allowed: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    maximum: Mapping[str, int] = field(default_factory=dict)
+    backward_maximum: Mapping[str, int] = field(default_factory=dict)
+    min_capability: tuple[int, int] | None = None
+    extra: Callable[..., str | None] | None = None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    fn: Callable
+    support: Support
+
+
+@dataclass(frozen=True)
+class _Op:
+    inputs: Callable[..., Inputs]
+    implementations: dict[str, Implementation] = field(default_factory=dict)
+
+
+_ops: dict[str, _Op] = {}
+_global_backend = "auto"
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def define_op(op: str, inputs: Callable[..., Inputs]) -> None:
+    """Declare ``op``; ``inputs`` maps its positional arguments to :class:`Inputs`."""
+    if op in _ops:
+        raise ValueError(f"op {op!r} is already defined")
+    _ops[op] = _Op(inputs)
+
+
+def register(op: str, backend: str, support: Support):
+    """Decorator: register ``fn`` as ``op``'s implementation for ``backend``, supporting what ``support`` says."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    entry = _op(op)
 
     def decorator(fn: Callable) -> Callable:
-        _registry.setdefault(op, {})[backend] = Implementation(fn, check or _always)
+        entry.implementations[backend] = Implementation(fn, support)
         return fn
 
     return decorator
@@ -81,20 +148,95 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def ops() -> list[str]:
-    return sorted(_registry)
+    return sorted(_ops)
 
 
-def _reason(op: str, backend: str, args, kwargs) -> str | None:
-    impl = _implementations(op).get(backend)
-    return "not implemented for this op" if impl is None else impl.check(*args, **kwargs)
+def support(op: str, backend: str) -> Support | None:
+    """The declaration of ``backend`` for ``op`` (None: not implemented)."""
+    impl = _op(op).implementations.get(backend)
+    return None if impl is None else impl.support
 
 
-def explain(op: str, *args, **kwargs) -> dict[str, str | None]:
+def record_capabilities(capabilities: Mapping[int, tuple[int, int]]) -> None:
+    """Compute capability per CUDA device index, read by the checks (recorded once, outside any trace)."""
+    _capabilities.update(capabilities)
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    index = device.index if device.index is not None else 0
+    if index not in _capabilities and not torch.compiler.is_compiling() and torch.cuda.is_available():
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities.get(index)
+
+
+def _listing(values) -> str:
+    return ", ".join(str(v).replace("torch.", "") for v in values)
+
+
+def unsupported(spec: Support, inputs: Inputs, args: tuple = ()) -> str | None:
+    """The sentence saying why ``spec`` cannot run ``inputs`` (the first reason found), or None."""
+    reason = spec.available()
+    if reason is not None:
+        return reason
+    present = {name: t for name, t in inputs.tensors.items() if t is not None}
+    for name, tensor in present.items():
+        if spec.devices is not None and tensor.device.type not in spec.devices:
+            hint = f" ({spec.device_hint})" if spec.device_hint else ""
+            return f"{name} is on {tensor.device.type}; {spec.kernel} runs on {_listing(spec.devices)}{hint}"
+    if inputs.compute_dtype is not None:
+        if inputs.compute_dtype not in spec.dtypes:
+            return (
+                f"the compute dtype is {_listing([inputs.compute_dtype])}; {spec.kernel} takes {_listing(spec.dtypes)}"
+            )
+    else:
+        for name in inputs.data:
+            tensor = present.get(name)
+            if tensor is not None and tensor.dtype not in spec.dtypes:
+                return f"{name} is {_listing([tensor.dtype])}; {spec.kernel} takes {_listing(spec.dtypes)}"
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in present.values())
+    if needs_grad and spec.grad_inputs is not None:
+        for name, tensor in present.items():
+            if tensor.requires_grad and name not in spec.grad_inputs:
+                return (
+                    f"{name} requires grad; {spec.kernel} differentiates {_listing(spec.grad_inputs)} only "
+                    "(the reference backend differentiates every input)"
+                )
+    for name, allowed in spec.allowed.items():
+        if inputs.sizes[name] not in allowed:
+            return f"{name} is {inputs.sizes[name]}; {spec.kernel} supports {name} in ({_listing(allowed)})"
+    bounds = dict(spec.maximum)
+    if needs_grad:
+        bounds.update(spec.backward_maximum)
+    for name, bound in bounds.items():
+        if inputs.sizes[name] > bound:
+            which = f"the backward of {spec.kernel}" if name in spec.backward_maximum else spec.kernel
+            return f"{name} is {inputs.sizes[name]}; {which} supports {name} <= {bound}"
+    if spec.min_capability is not None:
+        for tensor in present.values():
+            if tensor.device.type == "cuda":
+                capability = _capability(tensor.device)
+                if capability is not None and capability < spec.min_capability:
+                    return (
+                        f"{spec.kernel} needs compute capability {'.'.join(map(str, spec.min_capability))}+, "
+                        f"the device has {'.'.join(map(str, capability))}"
+                    )
+                break
+    return None if spec.extra is None else spec.extra(*args)
+
+
+def _reason(entry: _Op, backend: str, inputs: Inputs, args: tuple) -> str | None:
+    impl = entry.implementations.get(backend)
+    return "not implemented for this op" if impl is None else unsupported(impl.support, inputs, args)
+
+
+def explain(op: str, *args) -> dict[str, str | None]:
     """For each backend: ``None`` if it can run these inputs, else the reason it cannot."""
-    return {backend: _reason(op, backend, args, kwargs) for backend in AUTO_ORDER}
+    entry = _op(op)
+    inputs = entry.inputs(*args)
+    return {backend: _reason(entry, backend, inputs, args) for backend in AUTO_ORDER}
 
 
-def resolve(op: str, backend: str | None, *args, **kwargs) -> str:
+def resolve(op: str, backend: str | None, *args) -> str:
     """The backend that will run ``op`` on these inputs, or BackendError with every reason.
 
     Only the candidates are checked: a named backend never depends on the others' availability.
@@ -106,57 +248,24 @@ def resolve(op: str, backend: str | None, *args, **kwargs) -> str:
         candidates = AUTO_ORDER
     else:  # CPU inputs: "auto" never picks Triton's interpreter, which only tests ask for by name
         candidates = ("reference",)
+    entry = _op(op)
+    inputs = entry.inputs(*args)
     reasons = {}
     for name in candidates:
-        reasons[name] = _reason(op, name, args, kwargs)
+        reasons[name] = _reason(entry, name, inputs, args)
         if reasons[name] is None:
             return name
     detail = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
     raise BackendError(f"{op}: no usable backend for backend={wanted!r} ({detail})")
 
 
-def dispatch(op: str, *args, backend: str | None = None, **kwargs):
+def dispatch(op: str, *args, backend: str | None = None):
     """Run ``op`` with the backend :func:`resolve` picks."""
-    chosen = resolve(op, backend, *args, **kwargs)
-    return _registry[op][chosen].fn(*args, **kwargs)
+    chosen = resolve(op, backend, *args)
+    return _ops[op].implementations[chosen].fn(*args)
 
 
-def _implementations(op: str) -> dict[str, Implementation]:
-    if op not in _registry:
-        raise KeyError(f"unknown op {op!r}; registered: {ops()}")
-    return _registry[op]
-
-
-# --- availability checks shared by the ops -------------------------------------------------------
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_unavailable(*tensors: torch.Tensor | None) -> str | None:
-    """Why the Triton kernels cannot run on these tensors, or None."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:
-        return f"triton is not importable ({error})"
-    for tensor in tensors:
-        if tensor is None:
-            continue
-        if tensor.device.type == "cpu" and not triton_interpreting():
-            return "tensors are on the CPU (Triton needs CUDA tensors, or TRITON_INTERPRET=1)"
-        if tensor.device.type not in ("cpu", "cuda"):
-            return f"tensors are on {tensor.device.type}, Triton runs on CUDA"
-    return None
-
-
-def cuda_extension_unavailable(*tensors: torch.Tensor | None) -> str | None:
-    """Why the compiled ``mae_fast._C`` kernels cannot run on these tensors, or None."""
-    from mae_fast import _extension
-
-    if not _extension.available():
-        return f"the CUDA extension is not loaded ({_extension.unavailable_reason()})"
-    for tensor in tensors:
-        if tensor is not None and tensor.device.type != "cuda":
-            return f"tensors are on {tensor.device.type}, the CUDA extension needs CUDA tensors"
-    return None
+def _op(op: str) -> _Op:
+    if op not in _ops:
+        raise KeyError(f"unknown op {op!r}; defined: {ops()}")
+    return _ops[op]

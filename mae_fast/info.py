@@ -7,7 +7,6 @@ import platform
 
 import torch
 
-import mae_fast.ops  # noqa: F401  (importing the ops registers their backends)
 from mae_fast import _extension, dispatch
 
 
@@ -40,7 +39,8 @@ def _sample_inputs(device: torch.device) -> dict[str, tuple]:
             1e-6,
         ),
         "random_masking": (torch.rand(1, 64, device=device), 16),
-        "visible_attention": (q, q, q, None, None, None),
+        "visible_attention": (q, q, q, None, q.shape[1], 0.25),
+        "qkv_attention": (torch.zeros(1, 5, 96, device=device, dtype=q.dtype), 2, None, 5, 0.25),
     }
 
 

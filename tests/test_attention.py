@@ -60,12 +60,14 @@ def _same_precision_torch(q, k, v, do, scale):
 
 
 def _triton(q, k, v, do, scale, cu_seqlens=None, max_seqlen=None):
-    """Triton custom op: (out, lse, dq, dk, dv)."""
+    """The Triton primitive: (out, lse, dq, dk, dv)."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     if max_seqlen is None:
         max_seqlen = q.shape[1] if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    out, lse = torch.ops.mae_fast_triton.attention(*leaves, cu_seqlens, max_seqlen, scale)
+    out, lse = torch.ops.mae_fast_triton.visible_attention(*leaves, cu_seqlens, max_seqlen, scale)
     out.backward(do)
+    if cu_seqlens is None:  # the primitive's lse is [H, B * N]; the reference's [B, H, N]
+        lse = lse.view(q.shape[2], q.shape[0], q.shape[1]).transpose(0, 1)
     return (out.detach(), lse.detach(), *(t.grad for t in leaves))
 
 
@@ -199,7 +201,7 @@ def test_triton_backend_refuses_what_it_cannot_run(device):
     with pytest.raises(dispatch.BackendError, match="float64"):
         ops.visible_attention(q, q, q, backend="triton")
     wide = torch.randn(1, 4, 1, 256, device=device)
-    with pytest.raises(dispatch.BackendError, match="head dim 256"):
+    with pytest.raises(dispatch.BackendError, match="head_dim is 256"):
         ops.visible_attention(wide, wide, wide, backend="triton")
 
 
@@ -254,10 +256,10 @@ def test_cu_seqlens_and_max_seqlen_are_validated():
 
 def test_opcheck_custom_ops(device):
     q, k, v = (torch.randn(1, 5, 1, 16, device=device, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(torch.ops.mae_fast_triton.attention, (q, k, v, None, 5, 0.25))
+    torch.library.opcheck(torch.ops.mae_fast_triton.visible_attention, (q, k, v, None, 5, 0.25))
     cu = torch.tensor([0, 1, 5], dtype=torch.int32, device=device)
     packed = [t.detach()[0].requires_grad_() for t in (q, k, v)]
-    torch.library.opcheck(torch.ops.mae_fast_triton.attention, (*packed, cu, 4, 0.25))
+    torch.library.opcheck(torch.ops.mae_fast_triton.visible_attention, (*packed, cu, 4, 0.25))
     qkv = torch.randn(1, 5, 3 * 16, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.mae_fast_triton.qkv_attention, (qkv, 1, None, 5, 0.25))
 

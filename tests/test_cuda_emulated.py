@@ -24,7 +24,7 @@ from cuda_cases import (
 from cuda_emulation import build as emulation
 
 from mae_fast import reference
-from mae_fast.ops import _cuda_registrations
+from mae_fast.backends.cuda import _library as cuda_library
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def emu():
         pytest.skip("no host C++ compiler: the CUDA emulation cannot be built (these tests did NOT run)")
     if not os.path.isfile(os.path.join(emulation.cuda_include_dir(), "cuda_runtime.h")):
         pytest.skip("no CUDA headers (set CUDA_HOME): the CUDA emulation cannot be built (these tests did NOT run)")
+    cuda_library.install("mae_fast_emu", "CPU")  # the schemas, fakes and formulas the real extension gets
     emulation.build(os.path.join(emulation.ROOT, "build", "cuda_emulation"))
-    _cuda_registrations.register("mae_fast_emu")  # the fakes and autograd formulas the real extension gets
     return torch.ops.mae_fast_emu
 
 
@@ -152,14 +152,16 @@ def test_masked_mse_loss_and_its_gradient(emu, shape, dtype, norm_pix):
     imgs = torch.rand(b, c, h, w) * 4 + 1  # a mean far from 0 tests the variance numerics
     pred = torch.randn(b, length, p * p * c).to(dtype)
     mask = reference.random_masking(torch.rand(b, length), max(1, length // 4))[2]
-    loss, grad = emu.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6)
+    loss, grad, mask_sum = emu.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6, True)
+    assert mask_sum.shape == () and mask_sum.item() == mask.sum().item()
+    assert emu.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6, False)[1].shape == (0,)
     leaf = pred.double().requires_grad_()
     exact = reference.masked_mse_loss(leaf, imgs.double(), mask, p, norm_pix)
     exact.backward()
     assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == dtype
     torch.testing.assert_close(loss.double(), exact.detach(), rtol=1e-5, atol=1e-6)
     _assert_close(grad, leaf.grad, dtype, "grad_pred")
-    again, _ = emu.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6)
+    again = emu.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6, True)[0]
     assert torch.equal(again, loss), "the loss must be bitwise reproducible"
 
 
@@ -198,7 +200,7 @@ def _check_attention(emu, q, k, v, cu_seqlens, max_seqlen, pieces):
     scale = d**-0.5
     out, lse = emu.visible_attention(q, k, v, cu_seqlens, max_seqlen, scale)
     grad = torch.randn(out.shape).to(out.dtype)  # fp32 draws: torch's fp16 / bf16 ones vary by version
-    dq, dk, dv = emu.visible_attention_backward(grad, q, k, v, lse, cu_seqlens, max_seqlen, scale)
+    dq, dk, dv = emu.visible_attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
     packed = [t.reshape(-1, *t.shape[-2:]) for t in (q, k, v, out, grad, dq, dk, dv)]
     q_, k_, v_, out_, grad_, *grads = packed
     lse_ = lse.reshape(lse.shape[0], -1)
@@ -278,11 +280,11 @@ def _opcheck_cases():
             leaf(torch.randn(7, 8)),
         ),
         "unshuffle_mask_tokens_backward": (torch.randn(2, 7, 8), torch.argsort(torch.rand(2, 6)), 3, True),
-        "masked_mse_loss": (leaf(torch.randn(2, 6, 48)), imgs, mask, 4, True, 1e-6),
+        "masked_mse_loss": (leaf(torch.randn(2, 6, 48)), imgs, mask, 4, True, 1e-6, True),
         "random_masking": (torch.rand(2, 6), 3),
         "visible_attention": (*qkv, None, 17, 0.2),
         "visible_attention_packed": (*packed, cu, 15, 0.2),
-        "visible_attention_backward": (torch.randn_like(out), *(t.detach() for t in qkv), lse, None, 17, 0.2),
+        "visible_attention_backward": (torch.randn_like(out), *(t.detach() for t in qkv), out, lse, None, 17, 0.2),
     }
 
 

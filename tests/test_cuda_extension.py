@@ -1,6 +1,7 @@
 """CPU-side tests of the CUDA extension mae_fast._C: built, imported, ops registered with the expected
-schemas, fake implementations and autograd formulas traceable without a GPU, dispatcher checks that say
-why the "cuda" backend cannot run, and the compiler's register/spill report of every kernel.
+schemas (defined once, in Python), fake implementations and autograd formulas traceable without a GPU,
+support declarations that say why the "cuda" backend cannot run, and the compiler's register/spill report
+of every kernel.
 
 None of these runs a CUDA kernel; tests/test_cuda_ops.py (marker gpu) does, when a GPU is present.
 """
@@ -15,8 +16,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from mae_fast import _extension, dispatch
-from mae_fast.ops import _cuda_registrations, cuda_backends
+from mae_fast import _extension, dispatch, primitives
+from mae_fast.backends.cuda import _library
+from mae_fast.backends.cuda import attention as cuda_attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTXAS_REPORT = os.path.join(REPO, "build", "ptxas_report.txt")
@@ -32,9 +34,17 @@ def test_extension_is_built_and_imported():
     assert _extension.unavailable_reason() is None
 
 
-def test_every_op_registered_with_the_expected_schema():
+def test_every_primitive_has_its_one_schema_and_a_cuda_kernel():
+    """The schemas are Python's (csrc/ only implements them): each compiled primitive has a CUDA kernel whose
+    C++ signature the dispatcher accepted against that schema, and the PyTorch-written ones are registered."""
     assert _extension.available(), _extension.unavailable_reason()
-    assert _extension.registered_schemas() == _cuda_registrations.SCHEMAS
+    schemas = primitives.schemas()
+    for name in _library.COMPILED + tuple(_library.IN_PYTORCH):
+        schema = str(getattr(ops, name).default._schema)
+        assert schema == f"mae_fast::{schemas[name]}", (schema, schemas[name])
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mae_fast::{name}", "CUDA"), name
+    with open(os.path.join(REPO, "csrc", "mae_fast.cpp")) as binding:
+        assert "m.def(" not in binding.read(), "schemas are defined in Python only"
 
 
 def test_attention_shared_memory_plan_fits_an_h100_h200_block():
@@ -44,9 +54,12 @@ def test_attention_shared_memory_plan_fits_an_h100_h200_block():
     assert shared_memory(50, 64) < shared_memory(197, 64) < shared_memory(256, 64) < shared_memory(256, 128)
     with pytest.raises(RuntimeError, match="head_dim"):
         shared_memory(64, 96)
-    # the table the dispatcher reads (filled once at import, so checks trace under torch.compile)
+    # the table the support check reads (filled once at import, so checks trace under torch.compile)
     for length, head_dim in ((1, 32), (50, 64), (65, 80), (197, 32), (256, 128)):
-        assert _extension.attention_shared_memory(length, head_dim) == shared_memory(length, head_dim)
+        padded = -(-length // 16) * 16
+        assert cuda_attention.SHARED_MEMORY[(padded, head_dim)] == shared_memory(length, head_dim)
+    assert "shared memory" in cuda_attention.shared_memory_reason(256, 128, 48 * 1024)
+    assert cuda_attention.shared_memory_reason(256, 128, 227 * 1024) is None
 
 
 # --- fake implementations and autograd, traced without a GPU -------------------------------------------
@@ -96,8 +109,9 @@ def test_fake_patch_embed_gather_under_autocast(fake):
     bias = torch.empty(16, requires_grad=True)
     pos = torch.empty(1, 4, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cuda_backends.patch_embed_gather_support(imgs, ids, weight.half(), bias, pos) is None
-        out = cuda_backends._patch_embed_gather(imgs, ids, weight, bias, pos)
+        reason = dispatch.unsupported(dispatch.support("patch_embed_gather", "cuda"), _inputs(imgs, ids, weight.half()))
+        assert reason is not None and "is on cpu" in reason  # only the device: mixed dtypes are fine under autocast
+        out = dispatch._ops["patch_embed_gather"].implementations["cuda"].fn(imgs, ids, weight, bias, pos)
     assert out.shape == (2, 3, 16) and out.dtype == torch.bfloat16
     grads = torch.autograd.grad(out.float().sum(), (imgs, weight, bias, pos))
     for grad, tensor in zip(grads, (imgs, weight, bias, pos), strict=True):
@@ -120,9 +134,10 @@ def test_fake_unshuffle_and_its_gradients(fake):
 
 def test_fake_loss_and_masking(fake):
     pred = torch.empty(2, 4, 48, dtype=torch.bfloat16, requires_grad=True)
-    loss, grad = ops.masked_mse_loss(pred, torch.empty(2, 3, 8, 8), torch.empty(2, 4), 4, True, 1e-6)
+    loss, grad, mask_sum = ops.masked_mse_loss(pred, torch.empty(2, 3, 8, 8), torch.empty(2, 4), 4, True, 1e-6, True)
     assert loss.shape == () and loss.dtype == torch.float32
     assert grad.shape == pred.shape and grad.dtype == torch.bfloat16
+    assert mask_sum.shape == () and mask_sum.dtype == torch.float32
     (grad_pred,) = torch.autograd.grad(loss, pred)
     assert grad_pred.shape == pred.shape and grad_pred.dtype == pred.dtype
     ids_keep, ids_restore, mask = ops.random_masking(torch.empty(3, 196, dtype=torch.float16), 49)
@@ -147,7 +162,7 @@ def test_ops_trace_into_a_graph_with_fake_tensors():
     assert _extension.available(), _extension.unavailable_reason()
 
     def step(pred, imgs, mask, q):
-        loss = ops.masked_mse_loss(pred, imgs, mask, 4, True, 1e-6)[0]
+        loss = ops.masked_mse_loss(pred, imgs, mask, 4, True, 1e-6, False)[0]
         return loss, ops.visible_attention(q, q, q, None, 8, 0.125)[0]
 
     args = (torch.randn(2, 4, 48), torch.randn(2, 3, 8, 8), torch.ones(2, 4), torch.randn(2, 8, 2, 32).half())
@@ -172,54 +187,71 @@ def _cpu_cases():
         "unshuffle_mask_tokens": (torch.randn(2, 3, 16), torch.randn(16), ids_restore, torch.randn(5, 16)),
         "masked_mse_loss": (torch.randn(2, 4, 48), imgs, torch.ones(2, 4), 4, True, 1e-6),
         "random_masking": (torch.rand(2, 4), 1),
-        "visible_attention": (q, q, q, None, None, None),
+        "visible_attention": (q, q, q, None, q.shape[1], 0.25),
     }
 
 
 @pytest.mark.parametrize("op", sorted(_cpu_cases()))
 def test_cuda_backend_refuses_cpu_tensors_with_a_reason(op):
     reason = dispatch.explain(op, *_cpu_cases()[op])["cuda"]
-    assert isinstance(reason, str) and ("CUDA tensors" in reason or "not loaded" in reason), reason
+    assert isinstance(reason, str) and ("is on cpu" in reason or "not loaded" in reason), reason
     with pytest.raises(dispatch.BackendError, match="cuda"):
         dispatch.resolve(op, "cuda", *_cpu_cases()[op])
 
 
-def test_attention_support_reasons():
-    def q_of(shape, dtype=torch.float16):
-        return torch.empty(shape, dtype=dtype)
-
-    def support(q, cu=None, max_seqlen=None, shared_memory=None):
-        return cuda_backends.visible_attention_support(q, q, q, cu, max_seqlen, None, shared_memory=shared_memory)
-
-    assert support(q_of((2, 50, 12, 64))) is None
-    assert support(q_of((2, 256, 16, 80), torch.bfloat16)) is None
-    assert "float32" in support(q_of((2, 50, 12, 64), torch.float32))
-    assert "head dims" in support(q_of((2, 50, 12, 96)))
-    assert "256 tokens" in support(q_of((2, 257, 12, 64)))
-    packed = q_of((300, 4, 32))
-    assert "256 tokens" in support(packed, torch.tensor([0, 20, 300], dtype=torch.int32))  # longest: 280
-    assert support(packed, torch.tensor([0, 100, 300], dtype=torch.int32), max_seqlen=300) is not None
-    assert support(packed, torch.tensor([0, 150, 300], dtype=torch.int32)) is None
-    assert "shared memory" in support(q_of((2, 256, 4, 128)), shared_memory=48 * 1024)
+def _inputs(imgs, ids, weight):
+    return dispatch._ops["patch_embed_gather"].inputs(imgs, ids, weight, None, None)
 
 
-def test_other_support_reasons():
-    imgs = torch.randn(2, 3, 8, 8)
-    assert cuda_backends.patchify_gather_support(imgs, torch.zeros(2, 2, dtype=torch.long), 4) is None
-    assert "float64" in cuda_backends.patchify_gather_support(imgs.double(), torch.zeros(2, 2, dtype=torch.long), 4)
-    weight = torch.randn(16, 3, 4, 4, dtype=torch.float16)
-    assert "dtype" in cuda_backends.patch_embed_gather_support(imgs, torch.zeros(2, 2), weight, None, None)
-    assert cuda_backends.random_masking_support(torch.rand(2, 1024), 256) is None
-    assert "1024" in cuda_backends.random_masking_support(torch.rand(2, 1025), 256)
-    pred, mask = torch.randn(2, 4, 48), torch.ones(2, 4)
-    assert cuda_backends.masked_mse_loss_support(pred, imgs, mask, 4, True, 1e-6) is None
-    assert "pred only" in cuda_backends.masked_mse_loss_support(pred, imgs.requires_grad_(), mask, 4, True, 1e-6)
-    x = torch.randn(2, 3, 16, requires_grad=True)
-    ids_restore = torch.zeros(2, 5000, dtype=torch.long)
-    assert "4096" in cuda_backends.unshuffle_mask_tokens_support(x, torch.randn(16), ids_restore, None)
-    token = torch.randn(16, requires_grad=True)  # the backward also runs for the mask token alone
-    assert "4096" in cuda_backends.unshuffle_mask_tokens_support(x.detach(), token, ids_restore, None)
-    assert cuda_backends.unshuffle_mask_tokens_support(x.detach(), token.detach(), ids_restore, None) is None
+def _cuda_reason(op, *args):
+    """The cuda backend's refusal of ``args`` made of fake CUDA tensors (the device passes: what remains is
+    what the kernels support)."""
+    return dispatch.explain(op, *args)["cuda"]
+
+
+def test_attention_support_reasons(fake):
+    def support(shape, dtype=torch.float16, cu=None, max_seqlen=None):
+        q = torch.empty(shape, dtype=dtype, device="cuda")
+        length = shape[1] if cu is None else max_seqlen
+        return _cuda_reason("visible_attention", q, q, q, None if cu is None else cu.cuda(), length, 0.125)
+
+    assert support((2, 50, 12, 64)) is None
+    assert support((2, 256, 16, 80), torch.bfloat16) is None
+    assert "float32" in support((2, 50, 12, 64), torch.float32)
+    assert "head_dim is 96" in support((2, 50, 12, 96))
+    assert "max_seqlen <= 256" in support((2, 257, 12, 64))
+    assert "max_seqlen <= 256" in support(
+        (300, 4, 32), cu=torch.tensor([0, 20, 300], dtype=torch.int32), max_seqlen=280
+    )
+    assert support((300, 4, 32), cu=torch.tensor([0, 150, 300], dtype=torch.int32), max_seqlen=150) is None
+    assert _cuda_reason("qkv_attention", torch.empty(2, 5, 96, device="cuda"), 1, None, 5, 0.2) == (
+        "not implemented for this op"
+    )
+
+
+def test_other_support_reasons(fake):
+    imgs = torch.empty(2, 3, 8, 8, device="cuda")
+    ids = torch.zeros(2, 2, dtype=torch.long, device="cuda")
+    assert _cuda_reason("patchify_gather", imgs, ids, 4) is None
+    assert "float64" in _cuda_reason("patchify_gather", imgs.double(), ids, 4)
+    weight = torch.empty(16, 3, 4, 4, dtype=torch.float16, device="cuda")
+    assert "one dtype" in _cuda_reason("patch_embed_gather", imgs, ids, weight, None, None)
+    assert _cuda_reason("random_masking", torch.empty(2, 1024, device="cuda"), 256) is None
+    assert "patches <= 1024" in _cuda_reason("random_masking", torch.empty(2, 1025, device="cuda"), 256)
+    pred, mask = torch.empty(2, 4, 48, device="cuda"), torch.ones(2, 4, device="cuda")
+    assert _cuda_reason("masked_mse_loss", pred, imgs, mask, 4, True, 1e-6) is None
+    assert "differentiates pred only" in _cuda_reason(
+        "masked_mse_loss", pred, imgs.clone().requires_grad_(), mask, 4, True, 1e-6
+    )
+    x = torch.empty(2, 3, 16, device="cuda", requires_grad=True)
+    ids_restore = torch.zeros(2, 5000, dtype=torch.long, device="cuda")
+    token = torch.empty(16, device="cuda")
+    assert "the backward of the CUDA unshuffle kernel supports patches <= 4096" in _cuda_reason(
+        "unshuffle_mask_tokens", x, token, ids_restore, None
+    )
+    token.requires_grad_()  # the backward also runs for the mask token alone
+    assert "patches <= 4096" in _cuda_reason("unshuffle_mask_tokens", x.detach(), token, ids_restore, None)
+    assert _cuda_reason("unshuffle_mask_tokens", x.detach(), token.detach(), ids_restore, None) is None
 
 
 # --- the compiler's register / spill report ------------------------------------------------------------

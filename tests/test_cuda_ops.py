@@ -316,7 +316,7 @@ def test_visible_attention_fixed_length(case, dtype):
     check_close_to_fp32(out, low, ref, "out")
     for name, mine, lo, r in zip("qkv", (dq, dk, dv), low_grads, ref_grads, strict=True):
         check_close_to_fp32(mine, lo, r, f"d{name}")
-    if dispatch.explain("visible_attention", q, k, v, None, None, None)["triton"] is None:
+    if dispatch.explain("visible_attention", q, k, v, None, q.shape[1], q.shape[-1] ** -0.5)["triton"] is None:
         triton = visible_attention(q, k, v, backend="triton")
         check_close_to_fp32(out, low, triton, "out vs triton")
 
@@ -358,15 +358,15 @@ def test_visible_attention_is_deterministic():
 
 def test_auto_uses_cuda_for_short_sequences_and_falls_back_for_long_ones():
     q = torch.randn(2, 50, 4, 64, device="cuda", dtype=torch.bfloat16)
-    assert dispatch.resolve("visible_attention", "auto", q, q, q, None, None, None) == "cuda"
+    assert dispatch.resolve("visible_attention", "auto", q, q, q, None, 50, 0.125) == "cuda"
     long = torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16)
-    assert "256" in dispatch.explain("visible_attention", long, long, long, None, None, None)["cuda"]
-    assert dispatch.resolve("visible_attention", "auto", long, long, long, None, None, None) != "cuda"
+    assert "256" in dispatch.explain("visible_attention", long, long, long, None, 300, 0.125)["cuda"]
+    assert dispatch.resolve("visible_attention", "auto", long, long, long, None, 300, 0.125) != "cuda"
 
 
 def test_ops_compile_without_graph_breaks():
     def step(pred, imgs, mask, q):
-        loss = torch.ops.mae_fast.masked_mse_loss(pred, imgs, mask, 8, True, 1e-6)[0]
+        loss = torch.ops.mae_fast.masked_mse_loss(pred, imgs, mask, 8, True, 1e-6, True)[0]
         out = torch.ops.mae_fast.visible_attention(q, q, q, None, q.shape[1], 0.125)[0]
         return loss + out.float().square().mean()
 

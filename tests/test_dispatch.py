@@ -17,6 +17,7 @@ def test_every_hot_op_has_a_reference_backend():
         "masked_mse_loss",
         "random_masking",
         "visible_attention",
+        "qkv_attention",
     ):
         assert op in dispatch.ops()
         assert dispatch.explain(op, *_args(op))["reference"] is None
@@ -34,7 +35,8 @@ def _args(op):
         "unshuffle_mask_tokens": (torch.randn(1, 3, 5), torch.randn(5), torch.tensor([[0, 1, 2, 3]]), None),
         "masked_mse_loss": (torch.randn(1, 4, 48), imgs, torch.ones(1, 4), 4, True, 1e-6),
         "random_masking": (torch.rand(1, 4), 2),
-        "visible_attention": (q, q, q, None, None, None),
+        "visible_attention": (q, q, q, None, q.shape[1], 0.25),
+        "qkv_attention": (torch.randn(1, 3, 12), 1, None, 3, 0.5),
     }[op]
 
 
@@ -76,7 +78,7 @@ def test_unknown_op_and_bad_registration():
     with pytest.raises(KeyError, match="unknown op"):
         dispatch.explain("nope")
     with pytest.raises(ValueError, match="backend must be one of"):
-        dispatch.register("patchify", "opencl")
+        dispatch.register("patchify", "opencl", dispatch.Support(kernel="an OpenCL kernel"))
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])

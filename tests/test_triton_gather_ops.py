@@ -117,23 +117,23 @@ def test_patchify_gather_gradcheck_and_double_backward(device):
     ids = keep_ids(1, 6, 3, device)
 
     def fn(x):
-        return TRITON.patchify_gather(x, ids, 4)
+        return TRITON.gather_patches(x, ids, 4, True)
 
     assert torch.autograd.gradcheck(fn, (imgs,), fast_mode=True)
     assert torch.autograd.gradgradcheck(fn, (imgs,), fast_mode=True)
 
 
-@pytest.mark.parametrize("conv_order", [False, True])
-def test_patchify_scatter_is_the_adjoint(device, conv_order):
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_patchify_scatter_is_the_adjoint(device, channels_last):
     """<gather(x), y> == <x, scatter(y)>, and scatter leaves the hidden patches at exactly zero."""
     b, c, h, w, p, k = 2, 3, 12, 8, 4, 3
     imgs = torch.randn(b, c, h, w, device=device, dtype=torch.float64)
     ids = keep_ids(b, 6, k, device)
     patches = torch.randn(b, k, p * p * c, device=device, dtype=torch.float64)
-    gathered = TRITON.patchify_gather(imgs, ids, p, conv_order)
-    scattered = TRITON.patchify_scatter(patches, ids, p, h, w, conv_order)
+    gathered = TRITON.gather_patches(imgs, ids, p, channels_last)
+    scattered = TRITON.scatter_patches(patches, ids, p, channels_last, c, h, w)
     torch.testing.assert_close((gathered * patches).sum(), (imgs * scattered).sum())
-    covered = TRITON.patchify_scatter(torch.ones_like(patches), ids, p, h, w, conv_order)
+    covered = TRITON.scatter_patches(torch.ones_like(patches), ids, p, channels_last, c, h, w)
     assert torch.equal(scattered * (1 - covered), torch.zeros_like(scattered))
     assert covered.sum().item() == b * k * p * p * c
 
@@ -293,8 +293,8 @@ def test_int32_ids_give_the_same_results(device):
 def test_unshuffle_mask_token_grad_is_deterministic(device):
     _, ids_restore, _ = reference.random_masking(torch.rand(6, 30, device=device), 7)
     grad = torch.randn(6, 31, 40, device=device)
-    first = TRITON.unshuffle_mask_tokens_backward(grad, ids_restore, 7)
-    second = TRITON.unshuffle_mask_tokens_backward(grad, ids_restore, 7)
+    first = TRITON.unshuffle_mask_tokens_backward(grad, ids_restore, 7, True)
+    second = TRITON.unshuffle_mask_tokens_backward(grad, ids_restore, 7, True)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
@@ -309,16 +309,16 @@ def _custom_op_cases(device):
     leaf = [imgs, weight, bias, pos, x, mask_token, dpos, patches]
     imgs, weight, bias, pos, x, mask_token, dpos, patches = [t.requires_grad_() for t in leaf]
     return {
-        "patchify_gather": (TRITON.patchify_gather, (imgs, ids, p)),
-        "patchify_gather_conv_order": (TRITON.patchify_gather, (imgs, ids, p, True)),
-        "patchify_scatter": (TRITON.patchify_scatter, (patches, ids, p, h, w, False)),
+        "patchify_gather": (TRITON.gather_patches, (imgs, ids, p, True)),
+        "patchify_gather_conv_order": (TRITON.gather_patches, (imgs, ids, p, False)),
+        "patchify_scatter": (TRITON.scatter_patches, (patches, ids, p, True, c, h, w)),
         "patch_embed_gather": (TRITON.patch_embed_gather, (imgs, ids, weight, bias, pos)),
         "patch_embed_gather_no_bias_pos": (TRITON.patch_embed_gather, (imgs, ids, weight, None, None)),
         "patch_embed_pos_grad": (TRITON.patch_embed_pos_grad, (torch.randn(b, k, d, device=device), ids, 6)),
         "unshuffle_mask_tokens": (TRITON.unshuffle_mask_tokens, (x, mask_token, ids_restore, dpos)),
         "unshuffle_mask_tokens_backward": (
             TRITON.unshuffle_mask_tokens_backward,
-            (torch.randn(b, 7, d, device=device), ids_restore, k),
+            (torch.randn(b, 7, d, device=device), ids_restore, k, True),
         ),
     }
 
@@ -355,7 +355,7 @@ def test_torch_compile_fullgraph_traces_all_three_ops(device):
 
     def step(imgs, weight, x, mask_token):
         tokens = TRITON.patch_embed_gather(imgs, ids, weight, bias, pos)
-        patches = TRITON.patchify_gather(imgs, ids, p)
+        patches = TRITON.gather_patches(imgs, ids, p, True)
         decoder_in = TRITON.unshuffle_mask_tokens(x, mask_token, ids_restore, dpos)
         return tokens.square().sum() + patches.pow(3).sum() + decoder_in.square().sum()
 
@@ -380,7 +380,7 @@ def test_torch_compile_inductor_gpu():
 
     def step(imgs, weight, x):
         tokens = TRITON.patch_embed_gather(imgs, ids, weight, bias, pos)
-        patches = TRITON.patchify_gather(imgs, ids, 16)
+        patches = TRITON.gather_patches(imgs, ids, 16, True)
         decoder_in = TRITON.unshuffle_mask_tokens(x, mask_token, ids_restore, dpos)
         return tokens.float().square().sum() + patches.float().pow(3).sum() + decoder_in.float().square().sum()
 
@@ -411,7 +411,8 @@ def test_model_with_triton_gather_ops_matches_reference(device, monkeypatch, nor
     reference here so that this test judges only the kernels of this file."""
     mine = {"patchify_gather", "patch_embed_gather", "unshuffle_mask_tokens"}
     for op in set(dispatch.ops()) - mine:
-        monkeypatch.setitem(dispatch._registry[op], "triton", dispatch._registry[op]["reference"])
+        implementations = dispatch._ops[op].implementations
+        monkeypatch.setitem(implementations, "triton", implementations["reference"])
     model = create_model("mae_vit_tiny_patch4_32", depth=1, decoder_depth=1, norm_pix_loss=norm_pix_loss).to(device)
     imgs = torch.randn(2, 3, 32, 32, device=device)
     noise = torch.rand(2, model.num_patches, device=device)

@@ -6,9 +6,12 @@ On a machine without a GPU the kernels run on CPU tensors through Triton's inter
 import pytest
 import torch
 from mae_fast.kernels import masked_mse
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton_aot import compile_reports
 
 from mae_fast import dispatch, ops, reference
+from mae_fast.backends.triton import loss as triton_loss
+from mae_fast.ops.loss import loss_and_saved_grad
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -157,21 +160,22 @@ def test_no_grad_loss_stores_no_gradient(device):
     torch.testing.assert_close(loss.double(), exact_loss, rtol=2e-5, atol=0)
 
 
-def test_loss_stores_a_gradient_only_when_pred_needs_one(device, monkeypatch):
+def test_loss_stores_a_gradient_only_when_pred_needs_one(device):
     pred, imgs, mask = _inputs(1, 3, 4, 2, 2, torch.bfloat16, device)
     stored = []
-    forward = masked_mse.masked_mse_loss_forward
 
-    def spy(*args):
-        outputs = forward(*args)
-        stored.append(tuple(outputs[1].shape))
-        return outputs
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            outputs = func(*args, **(kwargs or {}))
+            if func is torch.ops.mae_fast_triton.masked_mse_loss.default:
+                stored.append(tuple(outputs[1].shape))
+            return outputs
 
-    monkeypatch.setattr(masked_mse, "masked_mse_loss_forward", spy)
-    masked_mse.masked_mse_loss(pred, imgs, mask, 4)
-    with torch.no_grad():
-        masked_mse.masked_mse_loss(pred.clone().requires_grad_(), imgs, mask, 4)
-    masked_mse.masked_mse_loss(pred.clone().requires_grad_(), imgs, mask, 4)
+    with Recorder():
+        ops.masked_mse_loss(pred, imgs, mask, 4, backend="triton")
+        with torch.no_grad():
+            ops.masked_mse_loss(pred.clone().requires_grad_(), imgs, mask, 4, backend="triton")
+        ops.masked_mse_loss(pred.clone().requires_grad_(), imgs, mask, 4, backend="triton")
     assert stored == [(0,), (0,), tuple(pred.shape)]
 
 
@@ -315,8 +319,8 @@ def test_float64_and_huge_patches_are_left_to_the_reference(device):
     assert "float64" in dispatch.explain("masked_mse_loss", pred, imgs, mask, 4, True, 1e-6)["triton"]
     p = 53  # 53 * 53 * 3 values: more than one program holds
     pred, imgs, mask = _inputs(1, 3, p, 1, 1, torch.float32, device)
-    assert pred.shape[-1] > masked_mse.MAX_PATCH_VALUES
-    assert "exceed" in dispatch.explain("masked_mse_loss", pred, imgs, mask, p, True, 1e-6)["triton"]
+    assert pred.shape[-1] > triton_loss.MAX_PATCH_VALUES
+    assert "patch_values <= 8192" in dispatch.explain("masked_mse_loss", pred, imgs, mask, p, True, 1e-6)["triton"]
 
 
 @pytest.mark.parametrize(
@@ -379,7 +383,7 @@ def test_torch_compile_fullgraph(dtype, device):
     """Fake impls + registered autograd let dynamo/AOTAutograd trace the forward and backward custom ops.
 
     On the CPU: AOTAutograd with eager graphs (inductor's CPU codegen around interpreter launches only
-    costs time) and the custom op itself: the public op's dispatcher also runs the other backends' checks,
+    costs time) and the primitive itself: the public op's dispatcher also runs the other backends' checks,
     whose tracing is not this kernel's concern (the GPU test below compiles the public op with inductor).
     The traced backward scales out of place, so its saved buffer survives a second backward.
     """
@@ -394,7 +398,7 @@ def test_torch_compile_fullgraph(dtype, device):
         return make_boxed_func(graph_module)
 
     def step(pred, imgs, mask):
-        return masked_mse.masked_mse_loss(pred, imgs, mask, 4, True, 1e-6) * 2.0
+        return loss_and_saved_grad(torch.ops.mae_fast_triton, pred, imgs, mask, 4, True, 1e-6) * 2.0
 
     torch._dynamo.reset()
     backend = aot_autograd(fw_compiler=lambda gm, example_inputs: make_boxed_func(gm), bw_compiler=keep_backward)

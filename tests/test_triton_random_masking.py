@@ -127,14 +127,14 @@ def test_opcheck(device):
 
 
 def test_torch_compile_fullgraph(device):
-    """The fake impl lets dynamo trace the custom op into one graph (backend="aot_eager" on the CPU).
+    """The fake impl lets dynamo trace the primitive into one graph (backend="aot_eager" on the CPU).
 
-    The custom op itself: the public op's dispatcher also runs the other backends' checks, whose tracing
+    The primitive itself: the public op's dispatcher also runs the other backends' checks, whose tracing
     is not this kernel's concern (the GPU test below compiles the public op with inductor).
     """
 
     def masking(noise):
-        ids_keep, ids_restore, mask = kernel.random_masking(noise, 10)
+        ids_keep, ids_restore, mask = torch.ops.mae_fast_triton.random_masking(noise, 10)
         return ids_keep + 1, ids_restore, mask * 2
 
     noise = torch.rand(2, 40, device=device)

@@ -1,8 +1,10 @@
-"""The public hot ops. Each validates its inputs and runs through :mod:`mae_fast.dispatch`."""
+"""The public hot ops. Each validates its inputs and runs through :mod:`mae_fast.dispatch`.
 
-from mae_fast import _extension
-from mae_fast.ops import cuda_backends  # noqa: F401  (registers the "cuda" backends)
-from mae_fast.ops.attention import visible_attention
+Importing this package declares every op and its primitives; the backends (:mod:`mae_fast.backends`,
+loaded by ``import mae_fast``) register their implementations.
+"""
+
+from mae_fast.ops.attention import qkv_attention, visible_attention
 from mae_fast.ops.loss import masked_mse_loss
 from mae_fast.ops.masking import random_masking
 from mae_fast.ops.patch_embed import patch_embed_gather
@@ -14,11 +16,9 @@ __all__ = [
     "patch_embed_gather",
     "patchify",
     "patchify_gather",
+    "qkv_attention",
     "random_masking",
     "unpatchify",
     "unshuffle_mask_tokens",
     "visible_attention",
 ]
-
-# Load the CUDA extension now, outside any torch.compile trace, so the backends' checks only read state.
-_extension.load()

@@ -80,3 +80,18 @@ def mask_ratio(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {value!r}")
     return float(value)
+
+
+def repeated_ids_reason(ids: torch.Tensor, name: str, permutation: bool = False) -> str | None:
+    """Why ``ids`` [B, n] cannot go to a kernel whose backward scatters without atomics, or None: the ids of
+    a row must be distinct (``permutation``: a permutation of 0..n-1). Checked where index ranges are (on the
+    CPU, or with MAE_FAST_CHECK_INDICES=1): on a GPU it would sync every step."""
+    if ids.numel() == 0 or not host_checks_enabled(ids):
+        return None
+    ordered = ids.sort(dim=1).values
+    if permutation:
+        if not torch.equal(ordered, torch.arange(ids.shape[1], device=ids.device).expand_as(ordered).to(ids.dtype)):
+            return f"{name} rows must be permutations of 0..{ids.shape[1] - 1} (as random_masking returns)"
+    elif bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        return f"{name} repeats a patch id within a row; this kernel needs distinct ids (as random_masking gives)"
+    return None

@@ -1,27 +1,24 @@
 """visible_attention: softmax attention over the visible tokens, fixed-length or packed (cu_seqlens).
 
-Two public ops, each with a "reference" and a "triton" backend:
+Two public ops:
 
 - :func:`visible_attention` takes q, k, v [B, N, H, d] or packed [T, H, d] with int32 ``cu_seqlens``.
 - :func:`qkv_attention` takes the qkv Linear output as it is ([B, N, 3*H*d] or packed [T, 3*H*d], timm's
-  (3, H, d) order) and returns [B, N, H*d] (or [T, H*d]) ready for ``proj``: the kernels read q, k, v
-  through strides and write the gradient into one dqkv buffer, so nothing is transposed or copied.
+  (3, H, d) order) and returns [B, N, H*d] (or [T, H*d]) ready for ``proj``: a kernel reads q, k, v
+  through strides and writes the gradient into one dqkv buffer, so nothing is transposed or copied.
 
-The Triton backend runs through the torch.library custom ops ``mae_fast_triton::attention`` and
-``mae_fast_triton::qkv_attention`` (with fake implementations and autograd formulas), so torch.compile
-traces them with fullgraph=True. ``max_seqlen`` is a Python int: pass it for packed inputs on a GPU, or it
-is read from cu_seqlens with one device sync.
+Primitives: ``visible_attention`` / ``visible_attention_backward`` and ``qkv_attention`` /
+``qkv_attention_backward``. The forward returns the output and the fp32 natural-log lse, [H, T] for both
+layouts (T = B * N when fixed-length); the backward takes both. ``max_seqlen`` is a Python int: pass it for
+packed inputs on a GPU, or it is read from cu_seqlens with one device sync.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mae_fast import dispatch, reference
+from mae_fast import dispatch, primitives
 from mae_fast.ops import _validate
-
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_MAX_HEAD_DIM = 128
 
 
 def visible_attention(
@@ -50,7 +47,7 @@ def visible_attention(
             raise ValueError(f"q must be packed [T, H, d] with cu_seqlens, got shape {tuple(q.shape)}")
         validate_cu_seqlens(cu_seqlens, q.shape[0])
     _validate.same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
-    _validate_max_seqlen(max_seqlen, cu_seqlens, None if cu_seqlens is not None else q.shape[1])
+    max_seqlen = _max_seqlen(max_seqlen, cu_seqlens, None if cu_seqlens is not None else q.shape[1])
     scale = _scale(scale, q.shape[-1])
     return dispatch.dispatch("visible_attention", q, k, v, cu_seqlens, max_seqlen, scale, backend=backend)
 
@@ -79,7 +76,7 @@ def qkv_attention(
             raise ValueError(f"qkv must be packed [T, 3*H*d] with cu_seqlens, got shape {tuple(qkv.shape)}")
         validate_cu_seqlens(cu_seqlens, qkv.shape[0])
     _validate.same_device(qkv=qkv, cu_seqlens=cu_seqlens)
-    _validate_max_seqlen(max_seqlen, cu_seqlens, None if cu_seqlens is not None else qkv.shape[1])
+    max_seqlen = _max_seqlen(max_seqlen, cu_seqlens, None if cu_seqlens is not None else qkv.shape[1])
     scale = _scale(scale, qkv.shape[-1] // (3 * num_heads))
     return dispatch.dispatch("qkv_attention", qkv, num_heads, cu_seqlens, max_seqlen, scale, backend=backend)
 
@@ -105,21 +102,24 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> None:
             raise ValueError("cu_seqlens must be non-decreasing")
 
 
-def _validate_max_seqlen(max_seqlen, cu_seqlens: torch.Tensor | None, fixed_length: int | None) -> None:
+def _max_seqlen(max_seqlen, cu_seqlens: torch.Tensor | None, fixed_length: int | None) -> int:
+    """The validated longest sequence: the fixed length, the given max_seqlen, or read from cu_seqlens."""
     if max_seqlen is None:
-        return
+        return fixed_length if cu_seqlens is None else longest(cu_seqlens)
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative Python int or None, got {max_seqlen!r}")
     if fixed_length is not None and max_seqlen != fixed_length:
         raise ValueError(f"max_seqlen={max_seqlen} does not match the sequence length {fixed_length}")
     if cu_seqlens is not None and _validate.host_checks_enabled(cu_seqlens):
-        longest = _longest(cu_seqlens)
-        if max_seqlen < longest:
-            raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence in cu_seqlens ({longest})")
+        actual = longest(cu_seqlens)
+        if max_seqlen < actual:
+            raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence in cu_seqlens ({actual})")
+    return max_seqlen
 
 
-def _longest(cu_seqlens: torch.Tensor) -> int:
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # a device sync on the GPU
+def longest(cu_seqlens: torch.Tensor) -> int:
+    """The longest packed sequence (a device sync on a GPU: pass max_seqlen to avoid it)."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
 def _scale(scale, head_dim: int) -> float:
@@ -130,104 +130,48 @@ def _scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views q, k, v [..., H, d] of qkv [..., 3*H*d] (no copy)."""
     head_dim = qkv.shape[-1] // (3 * num_heads)
     return qkv.unflatten(-1, (3, num_heads, head_dim)).unbind(-3)
 
 
-# --- reference backend ---------------------------------------------------------------------------------
+def _visible_inputs(q, k, v, cu_seqlens, max_seqlen, scale) -> dispatch.Inputs:
+    sizes = {"head_dim": q.shape[-1], "max_seqlen": max_seqlen, "heads": q.shape[-2]}
+    return dispatch.Inputs({"q": q, "k": k, "v": v, "cu_seqlens": cu_seqlens}, ("q", "k", "v"), sizes)
 
 
-@dispatch.register("visible_attention", "reference")
-def _attention_reference(q, k, v, cu_seqlens, max_seqlen, scale):
-    if cu_seqlens is None:
-        return reference.attention(q, k, v, scale)[0]
-    return reference.varlen_attention(q, k, v, cu_seqlens, scale)[0]
+def _qkv_inputs(qkv, num_heads, cu_seqlens, max_seqlen, scale) -> dispatch.Inputs:
+    sizes = {"head_dim": qkv.shape[-1] // (3 * num_heads), "max_seqlen": max_seqlen, "heads": num_heads}
+    return dispatch.Inputs({"qkv": qkv, "cu_seqlens": cu_seqlens}, ("qkv",), sizes)
 
 
-@dispatch.register("qkv_attention", "reference")
-def _qkv_attention_reference(qkv, num_heads, cu_seqlens, max_seqlen, scale):
-    out = _attention_reference(*_split_qkv(qkv, num_heads), cu_seqlens, max_seqlen, scale)
-    return out.flatten(-2)
+dispatch.define_op("visible_attention", _visible_inputs)
+dispatch.define_op("qkv_attention", _qkv_inputs)
 
 
-# --- Triton backend: custom ops, fake implementations, autograd ------------------------------------------
+# --- primitives ------------------------------------------------------------------------------------------
 
 
-def _triton_check(q: torch.Tensor, cu_seqlens: torch.Tensor | None, head_dim: int) -> str | None:
-    reason = dispatch.triton_unavailable(q, cu_seqlens)
-    if reason is not None:
-        return reason
-    if q.dtype not in TRITON_DTYPES:
-        return f"dtype {q.dtype} is not supported (fp32, fp16, bf16)"
-    if head_dim > TRITON_MAX_HEAD_DIM:
-        return f"head dim {head_dim} is above {TRITON_MAX_HEAD_DIM}"
-    return None
+def _tokens(x: torch.Tensor, packed: bool) -> int:
+    """T of the lse [H, T]: the packed token count, or B * N for a fixed-length batch."""
+    return x.shape[0] if packed else x.shape[0] * x.shape[1]
 
 
-def _staging_dtype(dtype: torch.dtype) -> torch.dtype:
-    from mae_fast.kernels import attention as kernels
-
-    return torch.float32 if kernels.upcasts(dtype) else dtype
-
-
-def _lse_shape(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, ...]:
-    """lse is [B, H, N] for q [B, N, H, d] and [H, T] for packed q [T, H, d]."""
-    if cu_seqlens is not None:
-        return (q.shape[1], q.shape[0])
-    return (q.shape[0], q.shape[2], q.shape[1])
-
-
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-@torch.library.custom_op("mae_fast_triton::attention", mutates_args=())
-def _attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from mae_fast.kernels import attention as kernels
-
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    out = torch.empty(q.shape, dtype=_staging_dtype(q.dtype), device=q.device)
-    lse = torch.empty(_lse_shape(q, cu_seqlens), dtype=torch.float32, device=q.device)
-    kernels.attention_forward(q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
-    return out.to(q.dtype), lse
-
-
-@_attention_op.register_fake
+@primitives.define(
+    "visible_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, float scale) "
+    "-> (Tensor, Tensor)"
+)
 def _attention_fake(q, k, v, cu_seqlens, max_seqlen, scale):
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens), dtype=torch.float32)
+    """-> (out: q's shape and dtype, contiguous; lse [H, T] fp32)."""
+    lse = q.new_empty(q.shape[-2], _tokens(q, cu_seqlens is not None), dtype=torch.float32)
+    return q.new_empty(q.shape), lse
 
 
-@torch.library.custom_op("mae_fast_triton::attention_backward", mutates_args=())
-def _attention_backward_op(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from mae_fast.kernels import attention as kernels
-
-    q, k, v, out, grad_out = (_unit_stride(t) for t in (q, k, v, out, grad_out))
-    stage = _staging_dtype(q.dtype)
-    dq, dk, dv = (torch.empty(q.shape, dtype=stage, device=q.device) for _ in range(3))
-    kernels.attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, cu_seqlens, max_seqlen, scale)
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
-
-
-@_attention_backward_op.register_fake
+@primitives.define(
+    "visible_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor? cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)"
+)
 def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
@@ -236,79 +180,32 @@ def _attention_setup(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen = max_seqlen
-    ctx.scale = scale
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
     ctx.mark_non_differentiable(lse)
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
+@primitives.formula("visible_attention", _attention_setup)
+def _attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
-
-
-@torch.library.custom_op("mae_fast_triton::qkv_attention", mutates_args=())
-def _qkv_attention_op(
-    qkv: torch.Tensor, num_heads: int, cu_seqlens: torch.Tensor | None, max_seqlen: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from mae_fast.kernels import attention as kernels
-
-    q, k, v = _split_qkv(_unit_stride(qkv), num_heads)
-    out = torch.empty(q.shape, dtype=_staging_dtype(qkv.dtype), device=qkv.device)
-    lse = torch.empty(_lse_shape(q, cu_seqlens), dtype=torch.float32, device=qkv.device)
-    kernels.attention_forward(q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
-    return out.flatten(-2).to(qkv.dtype), lse
-
-
-def _qkv_out_shape(qkv: torch.Tensor) -> tuple[int, ...]:
-    return (*qkv.shape[:-1], qkv.shape[-1] // 3)
-
-
-@_qkv_attention_op.register_fake
-def _qkv_attention_fake(qkv, num_heads, cu_seqlens, max_seqlen, scale):
-    q = _split_qkv(qkv, num_heads)[0]
-    return qkv.new_empty(_qkv_out_shape(qkv)), qkv.new_empty(_lse_shape(q, cu_seqlens), dtype=torch.float32)
-
-
-@torch.library.custom_op("mae_fast_triton::qkv_attention_backward", mutates_args=())
-def _qkv_attention_backward_op(
-    grad_out: torch.Tensor,
-    qkv: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    num_heads: int,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int,
-    scale: float,
-) -> torch.Tensor:
-    from mae_fast.kernels import attention as kernels
-
-    qkv, out, grad_out = _unit_stride(qkv), _unit_stride(out), _unit_stride(grad_out)
-    dqkv = torch.empty(qkv.shape, dtype=_staging_dtype(qkv.dtype), device=qkv.device)
-    q, k, v = _split_qkv(qkv, num_heads)
-    dq, dk, dv = _split_qkv(dqkv, num_heads)
-    heads_view = q.shape[-2:]
-    kernels.attention_backward(
-        grad_out.unflatten(-1, heads_view),
-        q,
-        k,
-        v,
-        out.unflatten(-1, heads_view),
-        lse,
-        dq,
-        dk,
-        dv,
-        cu_seqlens,
-        max_seqlen,
-        scale,
+    grads = ctx.ops.visible_attention_backward(
+        grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale
     )
-    return dqkv.to(qkv.dtype)
+    return (*grads, None, None, None)
 
 
-@_qkv_attention_backward_op.register_fake
+@primitives.define(
+    "qkv_attention(Tensor qkv, int num_heads, Tensor? cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor)"
+)
+def _qkv_attention_fake(qkv, num_heads, cu_seqlens, max_seqlen, scale):
+    """-> (out [..., H*d] in qkv's dtype, contiguous; lse [H, T] fp32)."""
+    out = qkv.new_empty(*qkv.shape[:-1], qkv.shape[-1] // 3)
+    return out, qkv.new_empty(num_heads, _tokens(qkv, cu_seqlens is not None), dtype=torch.float32)
+
+
+@primitives.define(
+    "qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, Tensor? cu_seqlens, "
+    "int max_seqlen, float scale) -> Tensor"
+)
 def _qkv_attention_backward_fake(grad_out, qkv, out, lse, num_heads, cu_seqlens, max_seqlen, scale):
     return qkv.new_empty(qkv.shape)
 
@@ -317,42 +214,14 @@ def _qkv_attention_setup(ctx, inputs, output):
     qkv, num_heads, cu_seqlens, max_seqlen, scale = inputs
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, cu_seqlens)
-    ctx.num_heads = num_heads
-    ctx.max_seqlen = max_seqlen
-    ctx.scale = scale
+    ctx.num_heads, ctx.max_seqlen, ctx.scale = num_heads, max_seqlen, scale
     ctx.mark_non_differentiable(lse)
 
 
-def _qkv_attention_backward(ctx, grad_out, grad_lse):
+@primitives.formula("qkv_attention", _qkv_attention_setup)
+def _qkv_attention_backward(ctx, grad_out, _grad_lse):
     qkv, out, lse, cu_seqlens = ctx.saved_tensors
-    dqkv = _qkv_attention_backward_op(grad_out, qkv, out, lse, ctx.num_heads, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    dqkv = ctx.ops.qkv_attention_backward(
+        grad_out.contiguous(), qkv, out, lse, ctx.num_heads, cu_seqlens, ctx.max_seqlen, ctx.scale
+    )
     return dqkv, None, None, None, None
-
-
-_qkv_attention_op.register_autograd(_qkv_attention_backward, setup_context=_qkv_attention_setup)
-
-
-def _resolved_max_seqlen(max_seqlen: int | None, cu_seqlens: torch.Tensor | None, fixed_length: int) -> int:
-    if cu_seqlens is None:
-        return fixed_length
-    return _longest(cu_seqlens) if max_seqlen is None else max_seqlen
-
-
-def _check_visible(q, k, v, cu_seqlens, max_seqlen, scale):
-    return _triton_check(q, cu_seqlens, q.shape[-1])
-
-
-def _check_qkv(qkv, num_heads, cu_seqlens, max_seqlen, scale):
-    return _triton_check(qkv, cu_seqlens, qkv.shape[-1] // (3 * num_heads))
-
-
-@dispatch.register("visible_attention", "triton", check=_check_visible)
-def _attention_triton(q, k, v, cu_seqlens, max_seqlen, scale):
-    max_seqlen = _resolved_max_seqlen(max_seqlen, cu_seqlens, q.shape[1])
-    return torch.ops.mae_fast_triton.attention(q, k, v, cu_seqlens, max_seqlen, scale)[0]
-
-
-@dispatch.register("qkv_attention", "triton", check=_check_qkv)
-def _qkv_attention_triton(qkv, num_heads, cu_seqlens, max_seqlen, scale):
-    max_seqlen = _resolved_max_seqlen(max_seqlen, cu_seqlens, qkv.shape[1])
-    return torch.ops.mae_fast_triton.qkv_attention(qkv, num_heads, cu_seqlens, max_seqlen, scale)[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mae_fast import dispatch, reference
+from mae_fast import dispatch, primitives, reference
 from mae_fast.ops import _validate
 
 
@@ -42,15 +42,19 @@ def random_masking(
     return dispatch.dispatch("random_masking", noise, len_keep, backend=backend)
 
 
-dispatch.register("random_masking", "reference")(reference.random_masking)
+def _inputs(noise, len_keep) -> dispatch.Inputs:
+    return dispatch.Inputs({"noise": noise}, ("noise",), {"batch": noise.shape[0], "patches": noise.shape[1]})
 
 
-def _triton_check(noise, len_keep) -> str | None:
-    return dispatch.triton_unavailable(noise)
+dispatch.define_op("random_masking", _inputs)
 
 
-@dispatch.register("random_masking", "triton", check=_triton_check)
-def _triton_random_masking(noise, len_keep):
-    from mae_fast.kernels import random_masking as kernel
-
-    return kernel.random_masking(noise.detach(), len_keep)
+@primitives.define("random_masking(Tensor noise, int len_keep) -> (Tensor, Tensor, Tensor)")
+def _random_masking_fake(noise, len_keep):
+    """-> (ids_keep [B, K] int64, ids_restore [B, L] int64, mask [B, L] fp32); not differentiable."""
+    b, length = noise.shape
+    return (
+        noise.new_empty(b, len_keep, dtype=torch.int64),
+        noise.new_empty(b, length, dtype=torch.int64),
+        noise.new_empty(b, length, dtype=torch.float32),
+    )

@@ -1,10 +1,15 @@
-"""patchify / unpatchify of an image batch, and the gather of the visible patches."""
+"""patchify / unpatchify of an image batch, and the gather of the visible patches.
+
+Primitives (one schema, fake and autograd formula for every compiled backend): ``patchify`` and
+``unpatchify`` (each the other's backward), ``gather_patches`` and ``scatter_patches`` (each the other's
+adjoint; ``channels_last`` picks the (i, j, c) patchify order, else the (c, i, j) order of a Conv2d weight).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from mae_fast import dispatch, reference
+from mae_fast import dispatch, primitives
 from mae_fast.ops import _validate
 
 
@@ -41,129 +46,93 @@ def patchify_gather(
     return dispatch.dispatch("patchify_gather", imgs, ids_keep, patch_size, backend=backend)
 
 
-dispatch.register("patchify", "reference")(reference.patchify)
-dispatch.register("patchify_gather", "reference")(reference.patchify_gather)
+def _patchify_inputs(imgs, patch_size) -> dispatch.Inputs:
+    return dispatch.Inputs({"imgs": imgs}, ("imgs",), {"batch": imgs.shape[0]})
 
 
-@dispatch.register("unpatchify", "reference")
-def _unpatchify_reference(x, patch_size, grid_size):
-    channels = x.shape[2] // (patch_size * patch_size)
-    return reference.unpatchify(x, patch_size, grid_size, channels)
+def _unpatchify_inputs(x, patch_size, grid_size) -> dispatch.Inputs:
+    return dispatch.Inputs({"x": x}, ("x",), {"batch": x.shape[0]})
 
 
-# --- "triton" backend: torch.library custom ops over kernels/patchify_gather.py ---------------------
-# gather and scatter are each other's adjoint, so each one's backward is the other (double backward
-# works too). conv_order=True gives the (c, i, j) order of a Conv2d weight (used by patch_embed_gather).
+def _gather_inputs(imgs, ids_keep, patch_size) -> dispatch.Inputs:
+    patches = (imgs.shape[2] // patch_size) * (imgs.shape[3] // patch_size)
+    sizes = {"batch": imgs.shape[0], "patches": patches, "kept": ids_keep.shape[1]}
+    return dispatch.Inputs({"imgs": imgs, "ids_keep": ids_keep}, ("imgs",), sizes)
 
 
-@torch.library.custom_op("mae_fast_triton::patchify_gather", mutates_args=())
-def _triton_gather(
-    imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, conv_order: bool = False
-) -> torch.Tensor:
-    """imgs [B, C, H, W] (any strides), ids_keep [B, K] -> [B, K, p*p*C] contiguous, imgs' dtype."""
-    from mae_fast.kernels import patchify_gather as kernel
-
-    return kernel.gather(imgs, ids_keep, patch_size, conv_order)
+dispatch.define_op("patchify", _patchify_inputs)
+dispatch.define_op("unpatchify", _unpatchify_inputs)
+dispatch.define_op("patchify_gather", _gather_inputs)
 
 
-@_triton_gather.register_fake
-def _(imgs, ids_keep, patch_size, conv_order=False):
-    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], patch_size * patch_size * imgs.shape[1])
+# --- primitives: schemas, fakes and the one autograd formula of each -----------------------------------
 
 
-@torch.library.custom_op("mae_fast_triton::patchify_scatter", mutates_args=())
-def _triton_scatter(
-    patches: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, height: int, width: int, conv_order: bool = False
-) -> torch.Tensor:
-    """patches [B, K, p*p*C] -> [B, C, height, width] contiguous, zero outside the patches ids_keep names."""
-    from mae_fast.kernels import patchify_gather as kernel
-
-    return kernel.scatter(patches, ids_keep, patch_size, height, width, conv_order)
+@primitives.define("patchify(Tensor imgs, int patch_size) -> Tensor")
+def _patchify_fake(imgs, patch_size):
+    b, c, h, w = imgs.shape
+    return imgs.new_empty(b, (h // patch_size) * (w // patch_size), patch_size * patch_size * c)
 
 
-@_triton_scatter.register_fake
-def _(patches, ids_keep, patch_size, height, width, conv_order=False):
+@primitives.define("unpatchify(Tensor patches, int patch_size, int grid_h, int grid_w) -> Tensor")
+def _unpatchify_fake(patches, patch_size, grid_h, grid_w):
     channels = patches.shape[2] // (patch_size * patch_size)
-    return patches.new_empty(patches.shape[0], channels, height, width)
+    return patches.new_empty(patches.shape[0], channels, grid_h * patch_size, grid_w * patch_size)
+
+
+@primitives.define("gather_patches(Tensor imgs, Tensor ids_keep, int patch_size, bool channels_last) -> Tensor")
+def _gather_patches_fake(imgs, ids_keep, patch_size, channels_last):
+    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], imgs.shape[1] * patch_size * patch_size)
+
+
+@primitives.define(
+    "scatter_patches(Tensor grad, Tensor ids_keep, int patch_size, bool channels_last, int channels, int height, "
+    "int width) -> Tensor"
+)
+def _scatter_patches_fake(grad, ids_keep, patch_size, channels_last, channels, height, width):
+    return grad.new_empty(grad.shape[0], channels, height, width)
+
+
+def _patchify_setup(ctx, inputs, output):
+    imgs, patch_size = inputs
+    ctx.patch_size = patch_size
+    ctx.grid = (imgs.shape[2] // patch_size, imgs.shape[3] // patch_size)
+
+
+@primitives.formula("patchify", _patchify_setup)
+def _patchify_backward(ctx, grad):
+    return ctx.ops.unpatchify(grad.contiguous(), ctx.patch_size, *ctx.grid), None
+
+
+def _unpatchify_setup(ctx, inputs, output):
+    ctx.patch_size = inputs[1]
+
+
+@primitives.formula("unpatchify", _unpatchify_setup)
+def _unpatchify_backward(ctx, grad):
+    return ctx.ops.patchify(grad.contiguous(), ctx.patch_size), None, None, None
 
 
 def _gather_setup(ctx, inputs, output):
-    imgs, ids_keep, patch_size, conv_order = inputs
+    imgs, ids_keep, patch_size, channels_last = inputs
     ctx.save_for_backward(ids_keep)
-    ctx.geometry = (patch_size, imgs.shape[2], imgs.shape[3], conv_order)
+    ctx.geometry = (patch_size, channels_last, imgs.shape[1], imgs.shape[2], imgs.shape[3])
 
 
+@primitives.formula("gather_patches", _gather_setup)
 def _gather_backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
-    patch_size, height, width, conv_order = ctx.geometry
-    grad_imgs = torch.ops.mae_fast_triton.patchify_scatter(grad, ids_keep, patch_size, height, width, conv_order)
-    return grad_imgs, None, None, None
+    return ctx.ops.scatter_patches(grad.contiguous(), ids_keep, *ctx.geometry), None, None, None
 
 
 def _scatter_setup(ctx, inputs, output):
-    _, ids_keep, patch_size, _, _, conv_order = inputs
+    _, ids_keep, patch_size, channels_last = inputs[:4]
     ctx.save_for_backward(ids_keep)
-    ctx.geometry = (patch_size, conv_order)
+    ctx.patch_size, ctx.channels_last = patch_size, channels_last
 
 
+@primitives.formula("scatter_patches", _scatter_setup)
 def _scatter_backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
-    patch_size, conv_order = ctx.geometry
-    grad_patches = torch.ops.mae_fast_triton.patchify_gather(grad, ids_keep, patch_size, conv_order)
-    return grad_patches, None, None, None, None, None
-
-
-_triton_gather.register_autograd(_gather_backward, setup_context=_gather_setup)
-_triton_scatter.register_autograd(_scatter_backward, setup_context=_scatter_setup)
-
-
-def repeated_ids_reason(ids: torch.Tensor, name: str, permutation: bool = False) -> str | None:
-    """Why ``ids`` [B, n] cannot go to the Triton kernels, or None: their backward scatters without atomics,
-    so the ids of a row must be distinct (``permutation``: a permutation of 0..n-1). Checked where the
-    index ranges are (on the CPU, or with MAE_FAST_CHECK_INDICES=1): on a GPU it would sync every step."""
-    if ids.numel() == 0 or not _validate.host_checks_enabled(ids):
-        return None
-    ordered = ids.sort(dim=1).values
-    if permutation:
-        if not torch.equal(ordered, torch.arange(ids.shape[1], device=ids.device).expand_as(ordered).to(ids.dtype)):
-            return f"{name} rows must be permutations of 0..{ids.shape[1] - 1} (as random_masking returns)"
-    elif bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-        return f"{name} repeats a patch id within a row; the Triton kernels need distinct ids (as random_masking gives)"
-    return None
-
-
-def _triton_check(imgs, ids_keep, patch_size) -> str | None:
-    return dispatch.triton_unavailable(imgs, ids_keep) or repeated_ids_reason(ids_keep, "ids_keep")
-
-
-@dispatch.register("patchify_gather", "triton", check=_triton_check)
-def _triton_patchify_gather(imgs, ids_keep, patch_size):
-    return torch.ops.mae_fast_triton.patchify_gather(imgs, ids_keep, patch_size)
-
-
-def _every_patch(batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(num_patches, device=device).expand(batch, num_patches)
-
-
-def _triton_patchify_check(imgs, patch_size) -> str | None:
-    return dispatch.triton_unavailable(imgs)
-
-
-def _triton_unpatchify_check(x, patch_size, grid_size) -> str | None:
-    return dispatch.triton_unavailable(x)
-
-
-@dispatch.register("patchify", "triton", check=_triton_patchify_check)
-def _triton_patchify(imgs, patch_size):
-    """The gather kernel with every patch kept (differentiable through the same custom ops)."""
-    b, _, h, w = imgs.shape
-    ids = _every_patch(b, (h // patch_size) * (w // patch_size), imgs.device)
-    return torch.ops.mae_fast_triton.patchify_gather(imgs, ids, patch_size)
-
-
-@dispatch.register("unpatchify", "triton", check=_triton_unpatchify_check)
-def _triton_unpatchify(x, patch_size, grid_size):
-    """The scatter kernel with every patch present: the exact inverse of the triton patchify."""
-    gh, gw = grid_size
-    ids = _every_patch(x.shape[0], gh * gw, x.device)
-    return torch.ops.mae_fast_triton.patchify_scatter(x, ids, patch_size, gh * patch_size, gw * patch_size)
+    grad_patches = ctx.ops.gather_patches(grad, ids_keep, ctx.patch_size, ctx.channels_last)
+    return grad_patches, None, None, None, None, None, None

@@ -1,12 +1,15 @@
-"""unshuffle_mask_tokens: the decoder input (mask tokens, original order, position table) in one op."""
+"""unshuffle_mask_tokens: the decoder input (mask tokens, original order, position table) in one op.
+
+Primitives: ``unshuffle_mask_tokens`` and ``unshuffle_mask_tokens_backward`` (the rows moved back to x's
+order, and the mask token's gradient: the sum of the masked rows, in fp32).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from mae_fast import dispatch, reference
+from mae_fast import dispatch, primitives
 from mae_fast.ops import _validate
-from mae_fast.ops.patchify import repeated_ids_reason
 
 
 def unshuffle_mask_tokens(
@@ -44,77 +47,58 @@ def unshuffle_mask_tokens(
     return dispatch.dispatch("unshuffle_mask_tokens", x, mask_token, ids_restore, pos_embed, backend=backend)
 
 
-dispatch.register("unshuffle_mask_tokens", "reference")(reference.unshuffle_mask_tokens)
+def _inputs(x, mask_token, ids_restore, pos_embed) -> dispatch.Inputs:
+    tensors = {"x": x, "mask_token": mask_token, "ids_restore": ids_restore, "pos_embed": pos_embed}
+    sizes = {"batch": x.shape[0], "patches": ids_restore.shape[1]}
+    return dispatch.Inputs(tensors, ("x", "mask_token", "pos_embed"), sizes)
 
 
-# --- "triton" backend: torch.library custom ops over kernels/unshuffle.py ---------------------------
+dispatch.define_op("unshuffle_mask_tokens", _inputs)
 
 
-@torch.library.custom_op("mae_fast_triton::unshuffle_mask_tokens", mutates_args=())
-def _triton_unshuffle(
-    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor | None
-) -> torch.Tensor:
-    """x [B, K+1, Dd] -> [B, L+1, Dd] in x's dtype (mask_token and pos_embed may be any float dtype)."""
-    from mae_fast.kernels import unshuffle as kernel
-
-    return kernel.forward(x, mask_token, ids_restore, pos_embed)
+# --- primitives ------------------------------------------------------------------------------------------
 
 
-@_triton_unshuffle.register_fake
-def _(x, mask_token, ids_restore, pos_embed):
+@primitives.define(
+    "unshuffle_mask_tokens(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed) -> Tensor"
+)
+def _unshuffle_fake(x, mask_token, ids_restore, pos_embed):
     return x.new_empty(x.shape[0], ids_restore.shape[1] + 1, x.shape[2])
 
 
-@torch.library.custom_op("mae_fast_triton::unshuffle_mask_tokens_backward", mutates_args=())
-def _triton_unshuffle_backward(
-    grad_out: torch.Tensor, ids_restore: torch.Tensor, num_visible: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_out [B, L+1, Dd] -> (grad_x [B, K+1, Dd], per-image masked-row sums [B, Dd] fp32)."""
-    from mae_fast.kernels import unshuffle as kernel
-
-    return kernel.backward(grad_out, ids_restore, num_visible)
-
-
-@_triton_unshuffle_backward.register_fake
-def _(grad_out, ids_restore, num_visible):
-    b, _, dim = grad_out.shape
-    return grad_out.new_empty(b, num_visible + 1, dim), grad_out.new_empty(b, dim, dtype=torch.float32)
+@primitives.define(
+    "unshuffle_mask_tokens_backward(Tensor grad, Tensor ids_restore, int len_keep, bool mask_token_grad) "
+    "-> (Tensor, Tensor)"
+)
+def _unshuffle_backward_fake(grad, ids_restore, len_keep, mask_token_grad):
+    """-> (grad_x [B, len_keep+1, Dd] in grad's dtype, grad_mask_token [Dd] fp32, or [0] when not asked for)."""
+    grad_x = grad.new_empty(grad.shape[0], len_keep + 1, grad.shape[2])
+    return grad_x, grad.new_empty(grad.shape[2] if mask_token_grad else 0, dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
     x, mask_token, ids_restore, pos_embed = inputs
     ctx.save_for_backward(ids_restore)
-    ctx.num_visible = x.shape[1] - 1
+    ctx.len_keep = x.shape[1] - 1
     ctx.mask_token = (mask_token.shape, mask_token.dtype)
     ctx.pos = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
 
 
+@primitives.formula("unshuffle_mask_tokens", _setup)
 def _backward(ctx, grad):
-    """grad_x: rows moved back; grad_mask_token: sum of the masked rows (two stages, deterministic)."""
     (ids_restore,) = ctx.saved_tensors
-    grad_x = grad_mask = grad_pos = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x, partial = torch.ops.mae_fast_triton.unshuffle_mask_tokens_backward(grad, ids_restore, ctx.num_visible)
-        if ctx.needs_input_grad[1]:
+    need_x, need_mask_token, _, need_pos = ctx.needs_input_grad
+    grad_x = grad_mask_token = grad_pos = None
+    if need_x or need_mask_token:
+        grad_x, grad_mask_token = ctx.ops.unshuffle_mask_tokens_backward(
+            grad.contiguous(), ids_restore, ctx.len_keep, bool(need_mask_token)
+        )
+        if need_mask_token:
             shape, dtype = ctx.mask_token
-            grad_mask = partial.sum(dim=0).to(dtype).reshape(shape)
-    if ctx.needs_input_grad[3]:
+            grad_mask_token = grad_mask_token.to(dtype).reshape(shape)
+        else:
+            grad_mask_token = None
+    if need_pos:
         shape, dtype = ctx.pos
         grad_pos = grad.sum(dim=0, dtype=torch.float32).to(dtype).reshape(shape)
-    return grad_x, grad_mask, None, grad_pos
-
-
-_triton_unshuffle.register_autograd(_backward, setup_context=_setup)
-
-
-def _triton_check(x, mask_token, ids_restore, pos_embed) -> str | None:
-    reason = dispatch.triton_unavailable(x, mask_token, ids_restore, pos_embed)
-    reason = reason or repeated_ids_reason(ids_restore, "ids_restore", permutation=True)
-    if reason is None and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"x is {x.dtype}; the Triton kernel takes float32, float16 or bfloat16 (it adds in fp32)"
-    return reason
-
-
-@dispatch.register("unshuffle_mask_tokens", "triton", check=_triton_check)
-def _triton_unshuffle_mask_tokens(x, mask_token, ids_restore, pos_embed):
-    return torch.ops.mae_fast_triton.unshuffle_mask_tokens(x, mask_token, ids_restore, pos_embed)
+    return grad_x if need_x else None, grad_mask_token, None, grad_pos

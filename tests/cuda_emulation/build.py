@@ -6,8 +6,9 @@ The sources are rewritten into plain C++ (the CUDA sources themselves are not ch
 - ``extern __shared__ T name[];`` becomes a pointer to the block's dynamic shared memory;
 - the CUDA host calls (device guard, current stream, launch checks, device and function attributes) become
   the stand-ins of runtime.h, and the checks that inputs are CUDA tensors accept CPU tensors instead;
-- the ops are registered as ``torch.ops.mae_fast_emu.*`` for CPU tensors (``torch.ops.mae_fast`` is the
-  real extension's namespace).
+- the kernels implement the primitives of ``torch.ops.mae_fast_emu.*`` for CPU tensors (``torch.ops.mae_fast``
+  is the real extension's namespace); the schemas are defined in Python first, as for the real extension
+  (``mae_fast.backends.cuda._library.install``).
 The result is compiled with the host compiler through torch.utils.cpp_extension (no nvcc, no GPU).
 """
 
@@ -30,7 +31,6 @@ _HOST_CALLS = [
     (r"\bcudaFuncSetAttribute\b", "::mae_fast_emu::func_set_attribute"),
     (r"\.is_cuda\(\)", ".is_cpu()"),
     (r"#include <mma.h>\n", ""),
-    (r"TORCH_LIBRARY\(mae_fast,", f"TORCH_LIBRARY({NAMESPACE},"),
     (r"TORCH_LIBRARY_IMPL\(mae_fast, CUDA,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,"),
 ]
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)\[\];")

@@ -1,0 +1,76 @@
+"""What every op of the CUDA backend shares: its namespace, the primitives csrc/ compiles, the few written
+in PyTorch here, availability and the device rule.
+
+:func:`install` defines the primitives under a namespace and registers the PyTorch-written ones for a
+dispatch key: ``("mae_fast", "CUDA")`` for the extension (done here, before ``mae_fast._C`` is imported),
+and ``("mae_fast_emu", "CPU")`` for the tests' CPU emulation of the same kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import mae_fast.ops  # noqa: F401  (declares every op's primitives before they are installed)
+from mae_fast import _extension, dispatch, primitives
+
+NAMESPACE = "mae_fast"
+#: The primitives csrc/mae_fast.cpp implements.
+COMPILED = (
+    "patchify",
+    "unpatchify",
+    "gather_patches",
+    "scatter_patches",
+    "patch_embed_gather",
+    "unshuffle_mask_tokens",
+    "unshuffle_mask_tokens_backward",
+    "masked_mse_loss",
+    "random_masking",
+    "visible_attention",
+    "visible_attention_backward",
+)
+#: The kernels keep an inverse index per image in shared memory, and launch one grid row per image.
+SCATTER_LIMITS = {"patches": 4096, "kept": 4096, "batch": 65535}
+
+
+def _pos_grad(grad, ids_keep, num_patches):
+    """[num_patches, D] fp32: per position row, the sum over the batch of the rows ids_keep names."""
+    rows = torch.zeros(num_patches, grad.shape[2], device=grad.device, dtype=torch.float32)
+    return rows.index_add_(0, ids_keep.reshape(-1).long(), grad.reshape(-1, grad.shape[2]).float())
+
+
+def _loss_backward(grad_loss, saved_grad, mask_sum):
+    """The kernel saved the final gradient for an upstream gradient of 1: scale it by the upstream gradient."""
+    return (saved_grad * grad_loss).contiguous()
+
+
+def _loss_backward_in_place(saved_grad, grad_loss, mask_sum):
+    saved_grad.mul_(grad_loss)
+
+
+IN_PYTORCH = {
+    "patch_embed_pos_grad": _pos_grad,
+    "masked_mse_loss_backward": _loss_backward,
+    "masked_mse_loss_backward_": _loss_backward_in_place,
+}
+
+
+def install(namespace: str, dispatch_key: str) -> None:
+    """Define the CUDA backend's primitives under ``namespace``; the PyTorch-written ones run for ``dispatch_key``."""
+    library = primitives.install(namespace, COMPILED + tuple(IN_PYTORCH))
+    for name, fn in IN_PYTORCH.items():
+        library.impl(name, fn, dispatch_key)
+
+
+install(NAMESPACE, "CUDA")
+_extension.load(NAMESPACE, COMPILED)
+OPS = getattr(torch.ops, NAMESPACE)
+
+
+def available() -> str | None:
+    return None if _extension.available() else f"the CUDA extension is not loaded ({_extension.unavailable_reason()})"
+
+
+def support(kernel: str, **fields) -> dispatch.Support:
+    """A declaration with the backend's availability, devices and dtypes (fields override)."""
+    fields.setdefault("dtypes", dispatch.KERNEL_FLOATS)
+    return dispatch.Support(kernel=kernel, available=available, devices=("cuda",), **fields)

@@ -1,0 +1,60 @@
+"""visible_attention on the WMMA kernels of csrc/attention.cu (sequences of up to 256 tokens in shared memory).
+
+qkv_attention has no CUDA implementation yet: the model's route (nn.Attention -> qkv_attention) runs the
+Triton kernel on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mae_fast import _extension, dispatch
+from mae_fast.backends.cuda._library import OPS, support
+
+HEAD_DIMS = (32, 64, 80, 128)
+MAX_SEQLEN = 256
+MAX_HEADS = 65535  # one grid row per head
+
+
+def _shared_memory_plan() -> dict[tuple[int, int], int]:
+    """Bytes of shared memory per (length padded to 16, head dim), asked of the extension once."""
+    if not _extension.available():
+        return {}
+    needed = _extension.module().visible_attention_shared_memory
+    return {(padded, d): needed(padded, d) for d in HEAD_DIMS for padded in range(16, MAX_SEQLEN + 1, 16)}
+
+
+SHARED_MEMORY = _shared_memory_plan()
+
+
+def shared_memory_reason(length: int, head_dim: int, device_bytes: int) -> str | None:
+    """Why the kernels cannot run sequences of ``length`` tokens at ``head_dim`` with ``device_bytes`` of shared
+    memory per block, or None."""
+    if length == 0:
+        return None
+    needed = SHARED_MEMORY[(-(-length // 16) * 16, head_dim)]
+    if needed > device_bytes:
+        return f"the CUDA attention kernel needs {needed} bytes of shared memory, the device allows {device_bytes}"
+    return None
+
+
+def _fits_the_device(q, k, v, cu_seqlens, max_seqlen, scale) -> str | None:
+    limits = _extension.device_limits(q.device)
+    return None if limits is None else shared_memory_reason(max_seqlen, q.shape[-1], limits.shared_memory_per_block)
+
+
+SUPPORT = support(
+    "the CUDA attention kernel",
+    dtypes=(torch.float16, torch.bfloat16),
+    allowed={"head_dim": HEAD_DIMS},
+    maximum={"max_seqlen": MAX_SEQLEN, "heads": MAX_HEADS},
+    min_capability=(8, 0),
+    extra=_fits_the_device,
+)
+
+
+@dispatch.register("visible_attention", "cuda", SUPPORT)
+def _visible_attention(q, k, v, cu_seqlens, max_seqlen, scale):
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()  # the kernels index its data pointer without strides
+    return OPS.visible_attention(q, k, v, cu_seqlens, max(max_seqlen, 1), scale)[0]
