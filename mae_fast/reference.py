@@ -1,6 +1,6 @@
 """Plain PyTorch reference of every MAE hot op: the specification all kernels are tested against.
 
-Everything here follows ``shared/docs/mae-spec.md`` (He et al., 2021 and the authors' release) and is
+Everything here follows docs/mae-spec.md (He et al., 2021 and the authors' release) and is
 written for readability, not speed. Shapes use B = batch, C = channels, p = patch size, L = patches per
 image, K = kept (visible) patches, D = embedding width, H = heads, d = head dim.
 """
