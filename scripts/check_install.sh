@@ -3,8 +3,8 @@
 # .venv's torch, no build isolation; the CUDA extension as MAE_FAST_BUILD_CUDA / TORCH_CUDA_ARCH_LIST say)
 # from a copy of the checkout's files, installs it with pip --target into a temporary folder, and from a
 # temporary working directory, with PYTHONPATH naming that folder only, checks that:
-#   - every module of mae_fast/ and kernels/ and every data file is installed and imported from there
-#     (not from the checkout), and mae_fast._C too when the wheel has it;
+#   - every source file of mae_fast/ and kernels/ and every data file is installed, and every module is
+#     imported from there (not from the checkout), mae_fast._C too when the wheel has it;
 #   - python -m mae_fast info, pretrain --help, eval --help, visualize --help exit 0;
 #   - python -m mae_fast bench exits 2 and says that it needs a source checkout;
 #   - the generated mae-fast console script lists the subcommands, runs eval --help and refuses bench alike.
@@ -69,13 +69,22 @@ from pathlib import Path
 
 site, repo, has_extension = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
 roots = {"mae_fast": repo / "mae_fast", "mae_fast.kernels": repo / "kernels"}
-names = []
+names, missing = [], []
 for package, root in roots.items():
+    installed = site.joinpath(*package.split("."))
     for path in sorted(root.rglob("*.py")):
+        target = installed.relative_to(site) / path.relative_to(root)
+        if not (site / target).is_file():
+            source = path.relative_to(repo)
+            missing.append(str(source) if source == target else f"{source} (as {target})")
         parts = list(path.relative_to(root).with_suffix("").parts)
-        if parts[-1] == "__main__":
-            continue  # importing it runs the command line
-        names.append(".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)]))
+        if parts[-1] != "__main__":  # importing __main__ runs the command line
+            names.append(".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)]))
+for data in sorted((repo / "mae_fast" / "data").iterdir()):
+    if not (site / "mae_fast" / "data" / data.name).is_file():
+        missing.append(str(data.relative_to(repo)))
+if missing:
+    sys.exit("not in the wheel (see setup.py's packages and package data):\n  " + "\n  ".join(missing))
 if has_extension:
     names.append("mae_fast._C")
 problems = []
@@ -87,9 +96,6 @@ for name in names:
         continue
     if not Path(module.__file__).resolve().is_relative_to(site.resolve()):
         problems.append(f"{name}: imported from {module.__file__}, not from the install in {site}")
-for data in sorted((repo / "mae_fast" / "data").iterdir()):
-    if not (site / "mae_fast" / "data" / data.name).is_file():
-        problems.append(f"mae_fast/data/{data.name}: not installed")
 strays = [m for m, mod in sys.modules.items() if m.startswith("mae_fast") and getattr(mod, "__file__", None)
           and not Path(mod.__file__).resolve().is_relative_to(site.resolve())]
 problems += [f"{m}: loaded from {sys.modules[m].__file__}" for m in strays]
