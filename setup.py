@@ -15,11 +15,11 @@ import tempfile
 
 from setuptools import setup
 
-PACKAGES = ["mae_fast", "mae_fast.kernels", "mae_fast.models", "mae_fast.nn", "mae_fast.ops"]
-PACKAGES += [
-    "mae_fast." + os.path.relpath(path, "mae_fast").replace(os.sep, ".")
-    for path in sorted(glob.glob("mae_fast/*/"))
-    if os.path.isfile(os.path.join(path, "__init__.py"))
+PACKAGES = ["mae_fast", "mae_fast.kernels"]
+PACKAGES += [  # every package below mae_fast/, at any depth (mae_fast/backends/<backend>/ included)
+    "mae_fast." + os.path.relpath(path, "mae_fast").replace(os.sep, ".").rstrip(".")
+    for path in sorted(glob.glob("mae_fast/**/", recursive=True))
+    if path != "mae_fast/" and os.path.isfile(os.path.join(path, "__init__.py"))
 ]
 PACKAGE_DIR = {"mae_fast": "mae_fast", "mae_fast.kernels": "kernels"}
 BYTES_PER_NVCC_JOB = 3 * 1024**3
