@@ -1,4 +1,4 @@
-"""One dispatcher for every hot op: backends "reference", "triton", "cuda" and "auto".
+"""One dispatcher for every hot op: backends "reference", "torch", "triton", "cuda" and "auto".
 
 An op is declared once (:func:`define_op`) with a function that names what its inputs are: the tensors
 by argument name, which of them carry floating-point data, and the sizes a backend may limit (head dim,
@@ -11,8 +11,9 @@ shared memory of the device at hand) goes into the declaration's ``extra`` check
 
 The backend is chosen per call (``backend=``), per model (the model passes its own) or globally
 (:func:`set_backend` / :func:`use_backend`). On GPU inputs "auto" takes the first backend in
-:data:`AUTO_ORDER` that supports them; on CPU inputs it runs the reference (Triton's interpreter runs only
-when asked for by name). Everything here only reads Python state, so torch.compile traces it.
+:data:`AUTO_ORDER` that supports them; on CPU inputs it runs "torch", the fastest plain-PyTorch version
+(Triton's interpreter runs only when asked for by name). "reference", the specification tests compare
+against, runs only when named. Everything here only reads Python state, so torch.compile traces it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
-AUTO_ORDER = ("cuda", "triton", "reference")
+BACKENDS = ("reference", "torch", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton", "torch")
 _CHOICES = ("auto",) + BACKENDS
 ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -125,7 +126,7 @@ def validate_backend(name: str | None, argument: str = "backend") -> str | None:
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide default backend ("auto", "reference", "triton" or "cuda")."""
+    """Set the process-wide default backend ("auto" or one of :data:`BACKENDS`)."""
     global _global_backend
     if name is None:
         raise ValueError(f"backend must be one of {_CHOICES}, got None")
@@ -230,10 +231,11 @@ def _reason(entry: _Op, backend: str, inputs: Inputs, args: tuple) -> str | None
 
 
 def explain(op: str, *args) -> dict[str, str | None]:
-    """For each backend: ``None`` if it can run these inputs, else the reason it cannot."""
+    """For each backend ("auto"'s candidates first): ``None`` if it can run these inputs, else why it cannot."""
     entry = _op(op)
     inputs = entry.inputs(*args)
-    return {backend: _reason(entry, backend, inputs, args) for backend in AUTO_ORDER}
+    order = AUTO_ORDER + tuple(name for name in BACKENDS if name not in AUTO_ORDER)
+    return {backend: _reason(entry, backend, inputs, args) for backend in order}
 
 
 def resolve(op: str, backend: str | None, *args) -> str:
@@ -247,7 +249,7 @@ def resolve(op: str, backend: str | None, *args) -> str:
     elif any(isinstance(arg, torch.Tensor) and arg.device.type == "cuda" for arg in args):
         candidates = AUTO_ORDER
     else:  # CPU inputs: "auto" never picks Triton's interpreter, which only tests ask for by name
-        candidates = ("reference",)
+        candidates = ("torch",)
     entry = _op(op)
     inputs = entry.inputs(*args)
     reasons = {}

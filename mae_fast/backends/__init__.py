@@ -7,4 +7,4 @@ Importing this package (``import mae_fast`` does) loads every backend. docs/back
 add an op or a backend.
 """
 
-from mae_fast.backends import cuda, reference, triton  # noqa: F401
+from mae_fast.backends import cuda, reference, torch, triton  # noqa: F401

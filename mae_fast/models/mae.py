@@ -24,7 +24,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     Constructor arguments, method names and state_dict keys are those of the official release, so its
     checkpoints load unchanged. ``img_size`` may be (H, W); ``backend`` picks the kernels ("auto",
-    "reference", "triton", "cuda"; None follows the global default of :mod:`mae_fast.dispatch`).
+    "reference", "torch", "triton", "cuda"; None follows the global default of :mod:`mae_fast.dispatch`).
     """
 
     def __init__(

@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 
+from mae_fast.dispatch import BACKENDS
 from mae_fast.train.config import DATA_SOURCES, NONFINITE_POLICIES, PRECISIONS, SHARDINGS, TrainConfig
 
 # The demo: a 3-block, 64-wide encoder on 28x28 Fashion-MNIST (49 patches of 4x4), 1-block 32-wide decoder,
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=None, help="default: 28 for fashion-mnist, else the model's")
     parser.add_argument("--mask-ratio", type=float, default=None, help=f"default: {d.mask_ratio}")
     parser.add_argument("--no-norm-pix-loss", action="store_true", help="plain pixel targets")
-    parser.add_argument("--backend", choices=["auto", "reference", "triton", "cuda"], default=None)
+    parser.add_argument("--backend", choices=["auto", *BACKENDS], default=None, help="the ops' backend (default: auto)")
     parser.add_argument("--data", choices=DATA_SOURCES, default=None, help=f"default: {d.data}")
     parser.add_argument("--data-path", default=None, help="ImageNet-layout folder for --data imagefolder")
     parser.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers (default: {d.num_workers})")

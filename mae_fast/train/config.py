@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from mae_fast.dispatch import BACKENDS
+
 DATA_SOURCES = ("fashion-mnist", "synthetic", "imagefolder")
 PRECISIONS = ("auto", "bf16", "fp32")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -112,7 +114,7 @@ class TrainConfig:
             ("precision", PRECISIONS),
             ("nonfinite", NONFINITE_POLICIES),
             ("sharding", SHARDINGS),
-            ("backend", ("auto", "reference", "triton", "cuda")),
+            ("backend", ("auto", *BACKENDS)),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")

@@ -21,12 +21,6 @@ def resolve_device(config: TrainConfig) -> torch.device:
     return torch.device(config.device)
 
 
-def resolve_backend(config: TrainConfig, device: torch.device) -> str:
-    """The op backend: as configured, except that "auto" means the reference ops on the CPU (Triton's
-    interpreter is for testing kernels, far too slow to train with)."""
-    return "reference" if config.backend == "auto" and device.type == "cpu" else config.backend
-
-
 def data_in_chans(config: TrainConfig) -> int:
     return 1 if config.data == "fashion-mnist" else 3
 
@@ -41,7 +35,7 @@ def build_model(config: TrainConfig, device: torch.device):
         "img_size": img_size,
         "in_chans": data_in_chans(config),
         "norm_pix_loss": config.norm_pix_loss,
-        "backend": resolve_backend(config, device),
+        "backend": config.backend,  # "auto": the kernels on a GPU, the torch backend on the CPU
     }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
