@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tiny_models import tiny_mae  # noqa: E402
+
 from benchmarks import bench_ops, harness, options, plot, run, schema, summary  # noqa: E402
 from benchmarks.reference_mae import ReferenceMAE, model_train_flops_per_image  # noqa: E402
-from mae_fast.models import create_model  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "bench_results_synthetic.json"
-TINY = dict(img_size=16, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -28,12 +28,17 @@ def _fixture() -> dict:
     return json.loads(FIXTURE.read_text())
 
 
+def _tiny(**overrides):
+    """The suite's tiny MAE with a 32-wide, 4-head decoder."""
+    return tiny_mae(decoder_embed_dim=32, decoder_num_heads=4, **overrides)
+
+
 # --- the reference model of the end-to-end benchmark ------------------------------------------------------
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_reference_mae_matches_mae_fast_loss_and_gradients(norm_pix):
-    model = create_model("mae_vit_tiny_patch4_32", **TINY, norm_pix_loss=norm_pix, backend="reference").double()
+    model = _tiny(norm_pix_loss=norm_pix).double()
     ref = ReferenceMAE.like(model).double()
     assert sorted(ref.state_dict()) == sorted(model.state_dict())
     imgs = torch.randn(3, 3, 16, 16, dtype=torch.float64)
@@ -52,7 +57,7 @@ def test_reference_mae_matches_mae_fast_loss_and_gradients(norm_pix):
 
 
 def test_reference_mae_pos_tables_follow_the_spec():
-    model = create_model("mae_vit_tiny_patch4_32", **TINY)
+    model = _tiny()
     fresh = ReferenceMAE(img_size=(16, 16), patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32)
     torch.testing.assert_close(fresh.pos_embed, model.pos_embed, rtol=0, atol=1e-6)
     torch.testing.assert_close(fresh.decoder_pos_embed, model.decoder_pos_embed, rtol=0, atol=1e-6)
@@ -61,7 +66,7 @@ def test_reference_mae_pos_tables_follow_the_spec():
 def test_train_flops_equal_the_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = create_model("mae_vit_tiny_patch4_32", **TINY, norm_pix_loss=True, backend="reference")
+    model = _tiny(norm_pix_loss=True)
     imgs = torch.randn(2, 3, 16, 16)
     with FlopCounterMode(display=False) as counter:
         loss, _, _ = model(imgs)

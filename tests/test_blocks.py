@@ -4,6 +4,7 @@ sequences, torch.compile(fullgraph=True)."""
 import pytest
 import torch
 from timm.models.vision_transformer import Block as TimmBlock
+from tiny_models import tiny_mae
 
 from mae_fast.nn import Attention, Block
 
@@ -93,20 +94,8 @@ def test_attention_rejects_bad_heads():
 def test_model_with_triton_attention_equals_reference(device):
     """MAE model parity (loss, pred, every gradient) with only the attention on the Triton backend: the other
     ops' Triton backends are tested in their own files."""
-    from mae_fast.models.mae import MaskedAutoencoderViT
-
-    model = MaskedAutoencoderViT(
-        img_size=32,
-        patch_size=8,
-        embed_dim=64,
-        depth=1,
-        num_heads=2,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        norm_pix_loss=True,
-        backend="reference",
-    ).to(device)
+    model = tiny_mae(img_size=32, patch_size=8, embed_dim=64, depth=1, decoder_embed_dim=32, norm_pix_loss=True)
+    model.to(device)
     imgs = torch.randn(2, 3, 32, 32, device=device)
     noise = torch.rand(2, 16, device=device)
     results = {}

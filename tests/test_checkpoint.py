@@ -2,21 +2,14 @@
 
 import pytest
 import torch
+from tiny_models import tiny_mae
 
 from mae_fast import models
 
 
-def _tiny():
-    return models.MaskedAutoencoderViT(
-        img_size=16,
-        patch_size=4,
-        embed_dim=32,
-        depth=1,
-        num_heads=4,
-        decoder_embed_dim=16,
-        decoder_depth=1,
-        decoder_num_heads=2,
-    )
+def _tiny(**overrides):
+    """The suite's tiny MAE with one 4-head encoder block."""
+    return tiny_mae(**{"depth": 1, "num_heads": 4, **overrides})
 
 
 def test_full_checkpoint_file_wrapped_like_the_release(tmp_path):
@@ -52,16 +45,7 @@ def test_encoder_only_release_is_reported_not_fatal():
 
 
 def test_shape_mismatch_names_the_key():
-    source = models.MaskedAutoencoderViT(
-        img_size=16,
-        patch_size=4,
-        embed_dim=64,
-        depth=1,
-        num_heads=4,
-        decoder_embed_dim=16,
-        decoder_depth=1,
-        decoder_num_heads=2,
-    )
+    source = _tiny(embed_dim=64)
     with pytest.raises(ValueError, match="'cls_token' has shape \\(1, 1, 64\\), the model expects \\(1, 1, 32\\)"):
         models.load_checkpoint(_tiny(), source.state_dict())
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from train_helpers import TINY, make_image_folder, tiny_config
+from train_helpers import make_image_folder, quick_run_config, tiny_config
 
 from mae_fast.train import TrainConfig, data, pretrain
 
@@ -140,17 +140,7 @@ def test_synthetic_batches_are_on_the_device_and_reproducible(tmp_path):
     assert a["imgs"].shape == (4, 3, 16, 16) and a["noise"].shape == (4, 16)
     assert torch.equal(a["imgs"], b["imgs"]) and torch.equal(a["noise"], b["noise"])
     result = pretrain(
-        TrainConfig(
-            data="synthetic",
-            model_kwargs=TINY,
-            img_size=16,
-            batch_size=4,
-            max_steps=2,
-            output_dir=str(tmp_path / "synthetic"),
-            visualize=False,
-            progress=False,
-            device="cpu",
-        )
+        quick_run_config(tmp_path / "synthetic", data="synthetic", img_size=16, batch_size=4, max_steps=2)
     )
     assert result.step == 2 and np.isfinite(result.history[-1][1])
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from train_helpers import TINY
+from train_helpers import TINY, quick_run_config
 
 from mae_fast.cli import main
 from mae_fast.train import TrainConfig, pretrain
@@ -68,17 +68,7 @@ def test_features_mean_and_cls_pooling():
 
 
 def test_eval_cli_on_a_pretrained_export(tmp_path, capsys):
-    config = TrainConfig(
-        model_kwargs=TINY,
-        batch_size=16,
-        max_steps=2,
-        output_dir=str(tmp_path / "run"),
-        visualize=False,
-        progress=False,
-        num_workers=0,
-        device="cpu",
-    )
-    result = pretrain(config)
+    result = pretrain(quick_run_config(tmp_path / "run", max_steps=2))
     model, loaded = model_from_checkpoint(result.export)
     assert loaded.model_kwargs == TINY and model.in_chans == 1 and model.img_size == (28, 28)
     fresh, _ = model_from_checkpoint(result.export, random_init=True)

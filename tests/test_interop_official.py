@@ -4,17 +4,12 @@ import argparse
 
 import pytest
 import torch
+from tiny_models import tiny_mae
 
 from mae_fast.interop import from_official, to_official
 from mae_fast.models import MaskedAutoencoderViT, create_model
 
 NAME = "mae_vit_tiny_patch4_32"
-
-
-def _custom(**kwargs):
-    config = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16)
-    config.update(decoder_depth=1, decoder_num_heads=2, backend="reference")
-    return MaskedAutoencoderViT(**{**config, **kwargs})
 
 
 def _assert_same_weights(a, b, encoder_only=False):
@@ -94,7 +89,7 @@ def test_finetuned_global_pool_checkpoint_is_refused_with_a_pointer(tiny):
 
 
 def test_custom_config_needs_head_counts():
-    custom = _custom()
+    custom = tiny_mae()
     with pytest.raises(ValueError, match="num_heads"):
         from_official(to_official(custom))
     with pytest.raises(ValueError, match="decoder_num_heads"):

@@ -8,17 +8,11 @@ from torch import nn
 
 import mae_fast
 from mae_fast.interop import TimmAttention, TransformersAttention
-from mae_fast.models import create_model
 
 pytest.importorskip("timm")
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from tiny_models import TINY_ENCODER, tiny_mae, tiny_timm_vit, tiny_vitmae_config  # noqa: E402
 
-IMG = 16
-
-
-def _vit(**kwargs):
-    config = dict(img_size=IMG, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
-    return VisionTransformer(**{**config, **kwargs}).eval()
+IMG = TINY_ENCODER["img_size"]
 
 
 def _close(a, b):
@@ -41,7 +35,7 @@ def attention_calls(monkeypatch):
 
 
 def test_timm_vit_patched_gives_equal_logits_and_keeps_its_weights(attention_calls):
-    vit = _vit()
+    vit = tiny_timm_vit()
     reference = copy.deepcopy(vit)
     before = dict(vit.named_parameters())
     imgs = torch.randn(2, 3, IMG, IMG)
@@ -63,7 +57,7 @@ def test_timm_vit_patched_gives_equal_logits_and_keeps_its_weights(attention_cal
 
 
 def test_training_works_after_patching_with_an_optimizer_made_before():
-    vit = _vit().train()
+    vit = tiny_timm_vit().train()
     reference = copy.deepcopy(vit)
     optimizer = torch.optim.SGD(vit.parameters(), lr=0.1)
     mae_fast.patch(vit, backend="reference")
@@ -79,7 +73,7 @@ def test_training_works_after_patching_with_an_optimizer_made_before():
 
 
 def test_bf16_error_is_within_twice_timms_own():
-    vit = _vit()
+    vit = tiny_timm_vit()
     imgs = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
         exact = vit(imgs)
@@ -93,7 +87,7 @@ def test_bf16_error_is_within_twice_timms_own():
     "kwargs, reason", [(dict(qk_norm=True), "qk_norm"), (dict(attn_drop_rate=0.1), "attention dropout p=0.1")]
 )
 def test_unpatchable_timm_attention_is_left_alone_and_reported(kwargs, reason):
-    vit = _vit(**kwargs)
+    vit = tiny_timm_vit(**kwargs)
     report = mae_fast.patch(vit)
     assert not report.replaced and [detail for _, _, detail in report.skipped] == [reason, reason]
     assert all(type(block.attn).__name__ == "Attention" for block in vit.blocks)
@@ -108,7 +102,7 @@ def test_unknown_attention_classes_and_mae_fast_models_are_left_alone():
     holder = nn.Sequential(nn.Linear(4, 4), MyAttention())
     report = mae_fast.patch(holder)
     assert not report.replaced and [(p, d) for p, _, d in report.skipped] == [("1", "unknown attention class")]
-    report = mae_fast.patch(create_model("mae_vit_tiny_patch4_32", depth=1, decoder_depth=1))
+    report = mae_fast.patch(tiny_mae())
     assert not report.replaced and not report.skipped
     with pytest.raises(TypeError, match="nn.Module"):
         mae_fast.patch("vit")
@@ -121,25 +115,8 @@ def _transformers():
     return pytest.importorskip("transformers")
 
 
-def _vitmae_config(**kwargs):
-    config = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=IMG,
-        patch_size=4,
-        decoder_hidden_size=16,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=32,
-        norm_pix_loss=True,
-    )
-    return _transformers().ViTMAEConfig(**{**config, **kwargs})
-
-
 def test_transformers_vitmae_patched_gives_the_same_loss_and_trains(attention_calls):
-    hf = _transformers().ViTMAEForPreTraining(_vitmae_config())
+    hf = _transformers().ViTMAEForPreTraining(tiny_vitmae_config(norm_pix_loss=True))
     reference = copy.deepcopy(hf)
     keys = list(hf.state_dict())
     report = mae_fast.patch(hf, backend="reference")
@@ -169,10 +146,12 @@ def test_transformers_vit_classifier_patched_and_dropout_refused():
     imgs = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
         _close(hf(imgs).logits, reference(imgs).logits)
-    dropped = transformers.ViTMAEForPreTraining(_vitmae_config(attention_probs_dropout_prob=0.1))
+    dropped = transformers.ViTMAEForPreTraining(
+        tiny_vitmae_config(norm_pix_loss=True, attention_probs_dropout_prob=0.1)
+    )
     report = mae_fast.patch(dropped)
     assert not report.replaced and len(report.skipped) == 3 and "attention dropout p=0.1" in str(report)
-    older = transformers.ViTMAEForPreTraining(_vitmae_config())
+    older = transformers.ViTMAEForPreTraining(tiny_vitmae_config(norm_pix_loss=True))
     del older.vit.layers[0].attention.q_proj  # what a 4.x-style module (query/key/value) lacks
     report = mae_fast.patch(older)
     assert report.skipped[0][0] == "vit.layers.0.attention" and "5.x layout" in report.skipped[0][2]
@@ -181,7 +160,7 @@ def test_transformers_vit_classifier_patched_and_dropout_refused():
 
 @pytest.mark.gpu
 def test_patched_timm_vit_on_the_gpu_bf16():
-    vit = _vit(img_size=64, embed_dim=128, num_heads=2, depth=2).cuda()
+    vit = tiny_timm_vit(img_size=64, embed_dim=128, num_heads=2, depth=2).cuda()
     imgs = torch.randn(4, 3, 64, 64, device="cuda")
     with torch.no_grad():
         exact = vit(imgs)

@@ -4,21 +4,12 @@ import pytest
 import torch
 
 from mae_fast.interop import from_timm, timm_vit, to_timm
-from mae_fast.models import MaskedAutoencoderViT
 
 pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from tiny_models import TINY_DECODER, tiny_mae, tiny_timm_vit  # noqa: E402
 
-SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-DECODER = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, backend="reference")
-
-
-def _vit(**kwargs):
-    return VisionTransformer(**{**SMALL, "num_classes": 5, **kwargs}).eval()
-
-
-def _mae(**kwargs):
-    return MaskedAutoencoderViT(**{**SMALL, **DECODER, **kwargs})
+DECODER = dict(**TINY_DECODER, backend="reference")
 
 
 def _close(a, b):
@@ -26,7 +17,7 @@ def _close(a, b):
 
 
 def test_timm_weights_into_mae_fast_give_the_same_features():
-    vit = _vit()
+    vit = tiny_timm_vit()
     model, report = from_timm(vit, **DECODER)
     assert report.encoder_only and report.ignored_keys == ["head.bias", "head.weight"]
     assert "decoder keeps its initialisation" in str(report)
@@ -38,7 +29,7 @@ def test_timm_weights_into_mae_fast_give_the_same_features():
 
 def test_mae_fast_encoder_into_timm_gives_the_same_features():
     torch.manual_seed(3)
-    model = _mae(layer_norm_eps=1e-12, mlp_ratio=2.0)
+    model = tiny_mae(layer_norm_eps=1e-12, mlp_ratio=2.0)
     vit = timm_vit(model, num_classes=7).eval()
     assert vit.norm.eps == 1e-12 and vit.blocks[0].mlp.fc1.out_features == 64
     imgs = torch.randn(2, 3, 16, 16)
@@ -54,7 +45,7 @@ def test_mae_fast_encoder_into_timm_gives_the_same_features():
 
 
 def test_global_pool_layout_for_finetuning():
-    model = _mae()
+    model = tiny_mae()
     state = to_timm(model, global_pool=True)
     assert "norm.weight" not in state and torch.equal(state["fc_norm.weight"], torch.ones(32))
     vit = timm_vit(model, global_pool=True).eval()
@@ -75,7 +66,7 @@ def test_named_config_is_matched_from_a_state_dict():
     model, _ = from_timm(vit.state_dict(), backend="reference")
     assert len(model.decoder_blocks) == 2 and model.decoder_embed.out_features == 128  # mae_vit_tiny_patch4_32
     with pytest.raises(ValueError, match="num_heads"):
-        from_timm(_vit().state_dict())
+        from_timm(tiny_timm_vit().state_dict())
 
 
 @pytest.mark.parametrize(
@@ -90,16 +81,16 @@ def test_named_config_is_matched_from_a_state_dict():
 )
 def test_timm_variants_an_mae_cannot_reproduce_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        from_timm(_vit(**kwargs), **DECODER)
+        from_timm(tiny_timm_vit(**kwargs), **DECODER)
 
 
 def test_bad_arguments():
     with pytest.raises(TypeError, match="VisionTransformer"):
         from_timm(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="MaskedAutoencoderViT"):
-        to_timm(_vit())
+        to_timm(tiny_timm_vit())
     with pytest.raises(ValueError, match="num_classes"):
-        timm_vit(_mae(), num_classes=-1)
-    state = {**to_timm(_mae()), "mask_token": torch.zeros(1, 1, 16)}
+        timm_vit(tiny_mae(), num_classes=-1)
+    state = {**to_timm(tiny_mae()), "mask_token": torch.zeros(1, 1, 16)}
     with pytest.raises(ValueError, match="from_official"):
         from_timm(state, num_heads=2)

@@ -4,30 +4,13 @@ import pytest
 import torch
 
 from mae_fast.interop import from_transformers, to_transformers, transformers_state_dict
-from mae_fast.models import MaskedAutoencoderViT
 
 transformers = pytest.importorskip("transformers")
-from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel  # noqa: E402
+from tiny_models import tiny_mae, tiny_vitmae_config  # noqa: E402
+from transformers import ViTMAEForPreTraining, ViTMAEModel  # noqa: E402
 
 IMG, PATCH = 16, 4
 LENGTH = (IMG // PATCH) ** 2
-
-
-def _config(**kwargs):
-    config = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        image_size=IMG,
-        patch_size=PATCH,
-        num_channels=3,
-        decoder_hidden_size=16,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=64,
-    )
-    return ViTMAEConfig(**{**config, **kwargs})
 
 
 def _rel(a, b):
@@ -45,7 +28,7 @@ def _assert_same_outputs(hf, model, imgs, noise, mask_ratio=0.75):
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
 def test_from_transformers_gives_the_same_loss_pred_and_mask(norm_pix_loss):
-    hf = ViTMAEForPreTraining(_config(norm_pix_loss=norm_pix_loss))
+    hf = ViTMAEForPreTraining(tiny_vitmae_config(norm_pix_loss=norm_pix_loss))
     model, report = from_transformers(hf, backend="reference")
     assert model.norm_pix_loss is norm_pix_loss and report.loaded_keys == len(model.state_dict())
     assert "5.x names" in str(report) and not report.encoder_only
@@ -66,19 +49,7 @@ def test_from_transformers_gives_the_same_loss_pred_and_mask(norm_pix_loss):
 
 def test_to_transformers_round_trip_and_custom_eps():
     torch.manual_seed(1)
-    model = MaskedAutoencoderViT(
-        img_size=IMG,
-        patch_size=PATCH,
-        embed_dim=32,
-        depth=2,
-        num_heads=4,
-        decoder_embed_dim=16,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        norm_pix_loss=True,
-        layer_norm_eps=1e-5,
-        backend="reference",
-    )
+    model = tiny_mae(num_heads=4, norm_pix_loss=True, layer_norm_eps=1e-5)
     hf = to_transformers(model, mask_ratio=0.5)
     assert isinstance(hf, ViTMAEForPreTraining)
     assert hf.config.layer_norm_eps == 1e-5 and hf.config.num_attention_heads == 4 and hf.config.mask_ratio == 0.5
@@ -92,7 +63,7 @@ def test_to_transformers_round_trip_and_custom_eps():
 
 
 def test_transformers_4x_names_and_saved_directories(tmp_path):
-    hf = ViTMAEForPreTraining(_config(layer_norm_eps=1e-6))
+    hf = ViTMAEForPreTraining(tiny_vitmae_config(layer_norm_eps=1e-6))
     model, _ = from_transformers(hf, backend="reference")
     old = transformers_state_dict(model, version=4)
     assert "vit.encoder.layer.1.attention.attention.value.bias" in old
@@ -108,7 +79,7 @@ def test_transformers_4x_names_and_saved_directories(tmp_path):
 
 
 def test_encoder_only_vitmae_model():
-    config = _config()
+    config = tiny_vitmae_config()
     encoder = ViTMAEModel(config)
     model, report = from_transformers(encoder, backend="reference")
     assert report.encoder_only
@@ -120,7 +91,7 @@ def test_encoder_only_vitmae_model():
 
 
 def test_refusals_name_the_problem():
-    hf = ViTMAEForPreTraining(_config())
+    hf = ViTMAEForPreTraining(tiny_vitmae_config())
     partial = {key: getattr(hf.config, key) for key in ("hidden_size", "intermediate_size", "image_size")}
     partial.update(patch_size=PATCH, num_hidden_layers=2, num_attention_heads=2, decoder_hidden_size=16)
     partial.update(decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=64)
@@ -129,15 +100,15 @@ def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="config is required"):
         from_transformers(hf.state_dict())
     with pytest.raises(ValueError, match="hidden_act"):
-        from_transformers(hf.state_dict(), config=_config(hidden_act="gelu_new"))
+        from_transformers(hf.state_dict(), config=tiny_vitmae_config(hidden_act="gelu_new"))
     with pytest.raises(ValueError, match="MLP ratio"):
-        from_transformers(hf.state_dict(), config=_config(decoder_intermediate_size=32))
+        from_transformers(hf.state_dict(), config=tiny_vitmae_config(decoder_intermediate_size=32))
     with pytest.raises(ValueError, match="not a ViTMAE state_dict"):
-        from_transformers({"cls_token": torch.zeros(1, 1, 32)}, config=_config())
+        from_transformers({"cls_token": torch.zeros(1, 1, 32)}, config=tiny_vitmae_config())
     extra = {**hf.state_dict(), "vit.pooler.dense.weight": torch.zeros(32, 32)}
     with pytest.raises(ValueError, match="vit.pooler.dense.weight"):
-        from_transformers(extra, config=_config())
+        from_transformers(extra, config=tiny_vitmae_config())
     with pytest.raises(ValueError, match="version"):
         transformers_state_dict(from_transformers(hf)[0], version=3)
     with pytest.raises(ValueError, match="config.num_hidden_layers|shape"):
-        from_transformers(hf.state_dict(), config=_config(hidden_size=64, intermediate_size=256))
+        from_transformers(hf.state_dict(), config=tiny_vitmae_config(hidden_size=64, intermediate_size=256))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_mae
 
 from mae_fast import models
 from mae_fast.models import create_model, list_models
@@ -75,19 +76,8 @@ def test_model_registry():
 
 
 def _tiny(**kwargs):
-    config = dict(
-        img_size=16,
-        patch_size=4,
-        in_chans=3,
-        embed_dim=32,
-        depth=2,
-        num_heads=4,
-        decoder_embed_dim=16,
-        decoder_depth=2,
-        decoder_num_heads=2,
-    )
-    config.update(kwargs)
-    return models.MaskedAutoencoderViT(**config).double()
+    """The suite's tiny MAE with 4 heads and a 2-block decoder, on the default backend, in float64."""
+    return tiny_mae(**{"num_heads": 4, "decoder_depth": 2, "backend": None, **kwargs}).double()
 
 
 def _release_block(block, x):

@@ -2,25 +2,12 @@
 
 import pytest
 import torch
-
-from mae_fast import models
+from tiny_models import tiny_mae
 
 
 def _pair(norm_pix: bool, img_size):
-    config = dict(
-        img_size=img_size,
-        patch_size=4,
-        in_chans=3,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        decoder_embed_dim=16,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        norm_pix_loss=norm_pix,
-    )
-    reference = models.MaskedAutoencoderViT(**config, backend="reference")
-    triton = models.MaskedAutoencoderViT(**config, backend="triton")
+    reference = tiny_mae(img_size=img_size, norm_pix_loss=norm_pix, backend="reference")
+    triton = tiny_mae(img_size=img_size, norm_pix_loss=norm_pix, backend="triton")
     triton.load_state_dict(reference.state_dict())
     return reference, triton
 

@@ -6,27 +6,14 @@ and the loss, which stays sum(per_patch * mask) / sum(mask) over the whole batch
 
 import pytest
 import torch
-
-from mae_fast.models.mae import MaskedAutoencoderViT
+from tiny_models import tiny_mae
 
 RATIOS = [0.75, 0.5, 0.9, 0.0]  # keeps 4, 8, 1 and all 16 patches
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def _model(device, backend="reference"):
-    return MaskedAutoencoderViT(
-        img_size=32,
-        patch_size=8,
-        in_chans=3,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-        norm_pix_loss=True,
-        backend=backend,
-    ).to(device)
+    return tiny_mae(img_size=32, patch_size=8, decoder_embed_dim=32, norm_pix_loss=True, backend=backend).to(device)
 
 
 def _grads(model):

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from train_helpers import TINY
+from tiny_models import tiny_mae
+from train_helpers import quick_run_config
 
 from mae_fast.cli import main
-from mae_fast.models import create_model
-from mae_fast.train import TrainConfig, pretrain
+from mae_fast.train import pretrain
 from mae_fast.train.visualize import load_image, reconstruct, save_loss_curve, save_reconstruction_grid
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -21,7 +21,7 @@ def _is_png(path):
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_a_perfect_prediction_reconstructs_the_image(norm_pix, monkeypatch):
     """If the model predicted exactly its (normalised) target, every column would show the original."""
-    model = create_model("mae_vit_tiny_patch4_32", **TINY, img_size=16, norm_pix_loss=norm_pix, backend="reference")
+    model = tiny_mae(norm_pix_loss=norm_pix)
     imgs = torch.randn(3, 3, 16, 16)
     noise = torch.rand(3, 16)
 
@@ -43,7 +43,7 @@ def test_a_perfect_prediction_reconstructs_the_image(norm_pix, monkeypatch):
 
 
 def test_pasted_keeps_the_visible_patches_of_a_real_model():
-    model = create_model("mae_vit_tiny_patch4_32", **TINY, img_size=16, norm_pix_loss=True, backend="reference")
+    model = tiny_mae(norm_pix_loss=True)
     imgs = torch.randn(2, 3, 16, 16)
     out = reconstruct(model, imgs, torch.rand(2, 16), 0.75)
     visible = ~out["mask"].bool()
@@ -53,7 +53,7 @@ def test_pasted_keeps_the_visible_patches_of_a_real_model():
 
 
 def test_grid_and_loss_curve_are_pngs(tmp_path):
-    model = create_model("mae_vit_tiny_patch4_32", **TINY, img_size=16, in_chans=1, backend="reference")
+    model = tiny_mae(in_chans=1)
     grid = save_reconstruction_grid(
         model, torch.randn(2, 1, 16, 16), torch.rand(2, 16), (0.5,), (0.25,), 0.75, str(tmp_path / "g" / "grid.png")
     )
@@ -64,18 +64,7 @@ def test_grid_and_loss_curve_are_pngs(tmp_path):
 def test_visualize_cli_on_image_files(tmp_path, capsys):
     from PIL import Image
 
-    result = pretrain(
-        TrainConfig(
-            model_kwargs=TINY,
-            batch_size=16,
-            max_steps=1,
-            output_dir=str(tmp_path / "run"),
-            visualize=False,
-            progress=False,
-            num_workers=0,
-            device="cpu",
-        )
-    )
+    result = pretrain(quick_run_config(tmp_path / "run", max_steps=1))
     paths = []
     for i, size in enumerate([(40, 30), (28, 28)]):
         path = str(tmp_path / f"img{i}.png")

@@ -1,4 +1,4 @@
-"""Shared by the training tests: a tiny MAE config and a tiny ImageFolder of random 16x16 images."""
+"""Shared by the training tests: a tiny MAE config, short CPU runs and a tiny ImageFolder of random 16x16 images."""
 
 import os
 
@@ -23,27 +23,34 @@ def make_image_folder(root, per_class=12, classes=2, size=16, seed=0):
     return str(root)
 
 
+def quick_run_config(output_dir, **overrides) -> TrainConfig:
+    """A CPU run of the TINY model on the built-in Fashion-MNIST subset (28x28, one channel), batch 16,
+    with no worker processes, pictures or progress bars."""
+    values = dict(
+        model_kwargs=TINY,
+        batch_size=16,
+        output_dir=str(output_dir),
+        num_workers=0,
+        visualize=False,
+        progress=False,
+        device="cpu",
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
 def tiny_config(tmp_path, name="run", **overrides) -> TrainConfig:
     """24 images, global batch 8: 3 steps per epoch."""
     folder = tmp_path / "images"
     if not folder.exists():
         make_image_folder(folder)
     values = dict(
-        model="mae_vit_tiny_patch4_32",
-        model_kwargs=TINY,
         data="imagefolder",
         data_path=str(folder),
         img_size=16,
-        num_workers=0,
         epochs=3,
         warmup_epochs=1.0,
         batch_size=8,
         blr=1e-2,
-        output_dir=str(tmp_path / name),
         log_every=1,
-        visualize=False,
-        progress=False,
-        device="cpu",
     )
-    values.update(overrides)
-    return TrainConfig(**values)
+    return quick_run_config(tmp_path / name, **{**values, **overrides})
