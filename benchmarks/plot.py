@@ -38,6 +38,24 @@ def _headline_mode(rows: list[dict]) -> str:
     return "fwd+bwd" if "fwd+bwd" in modes else sorted(modes)[0]
 
 
+def _panel_grid(count: int, panel_height: float):
+    """A figure with ``count`` panels, at most 4 to a row; returns it and those panels (the rest are hidden)."""
+    cols = min(4, count)
+    nrows = math.ceil(count / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, panel_height * nrows + 0.8), squeeze=False)
+    panels = list(axes.flat)
+    for ax in panels[count:]:
+        ax.axis("off")
+    return fig, panels[:count]
+
+
+def _save(fig, doc: dict, what: str, path: Path) -> None:
+    fig.suptitle(_title(doc, what), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_kernels(doc: dict, path: Path) -> bool:
     rows = [r for r in doc["rows"] if r["section"] == "kernels" and r["status"] == "ok"]
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -45,10 +63,8 @@ def plot_kernels(doc: dict, path: Path) -> bool:
         groups.setdefault((row["op"], row["case"]), []).append(row)
     if not groups:
         return False
-    cols = min(4, len(groups))
-    nrows = math.ceil(len(groups) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.0 * nrows + 0.8), squeeze=False)
-    for ax, ((op, case), group) in zip(axes.flat, sorted(groups.items()), strict=False):
+    fig, panels = _panel_grid(len(groups), 3.0)
+    for ax, ((op, case), group) in zip(panels, sorted(groups.items()), strict=True):
         mode = _headline_mode(group)
         chosen = sorted((r for r in group if r["mode"] == mode), key=lambda r: r["median_ms"])
         names = [r["provider"] for r in chosen]
@@ -60,12 +76,7 @@ def plot_kernels(doc: dict, path: Path) -> bool:
         ax.set_title(f"{op}\n{case} {mode}", fontsize=9)
         ax.set_xlabel("median ms (p20-p80)", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(groups) :]:
-        ax.axis("off")
-    fig.suptitle(_title(doc, "mae_fast kernels vs peers"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, doc, "mae_fast kernels vs peers", path)
     return True
 
 
@@ -90,10 +101,7 @@ def plot_train(doc: dict, path: Path) -> bool:
         ax.set_title(f"{model}, batch {chosen[0]['shape']['B']}, {chosen[0]['dtype']}", fontsize=9)
         ax.set_ylabel("images / s")
         ax.tick_params(axis="x", labelrotation=20, labelsize=7)
-    fig.suptitle(_title(doc, "MAE training step (fwd + bwd + AdamW)"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, doc, "MAE training step (fwd + bwd + AdamW)", path)
     return True
 
 
@@ -102,10 +110,8 @@ def plot_sweep(doc: dict, path: Path) -> bool:
     swept = {(r["op"], r["case"]) for r in rows if r["section"] == "sweep"}
     if not swept:
         return False
-    cols = min(4, len(swept))
-    nrows = math.ceil(len(swept) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows + 0.8), squeeze=False)
-    for ax, (op, case) in zip(axes.flat, sorted(swept), strict=False):
+    fig, panels = _panel_grid(len(swept), 3.2)
+    for ax, (op, case) in zip(panels, sorted(swept), strict=True):
         group = [r for r in rows if r["op"] == op and r["case"] == case]
         mode = _headline_mode([r for r in group if r["section"] == "sweep"])
         for provider in sorted({r["provider"] for r in group}):
@@ -125,12 +131,7 @@ def plot_sweep(doc: dict, path: Path) -> bool:
         ax.set_xlabel("batch", fontsize=8)
         ax.set_ylabel("median ms", fontsize=8)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(swept) :]:
-        ax.axis("off")
-    fig.suptitle(_title(doc, "batch sweep"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, doc, "batch sweep", path)
     return True
 
 

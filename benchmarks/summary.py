@@ -26,29 +26,19 @@ class Target:
     peers: tuple[str, ...] = ()
 
 
+def _train_step_targets(model: str, name: str) -> tuple[Target, ...]:
+    """The training-step targets, the same for every model: speedups over both references, and MFU."""
+    targets = []
+    for reference, threshold in (("eager", 1.6), ("compiled", 1.25)):
+        what = f"train step {name} vs {reference} reference"
+        targets.append(Target(what, "train_step", model, "step", "speedup", threshold, (f"reference_{reference}",)))
+    targets.append(Target(f"train step {name} MFU (%)", "train_step", model, "step", "mfu", 55.0))
+    return tuple(targets)
+
+
 TARGETS = (
-    Target("train step ViT-B vs eager reference", "train_step", "vit_b", "step", "speedup", 1.6, ("reference_eager",)),
-    Target(
-        "train step ViT-B vs compiled reference",
-        "train_step",
-        "vit_b",
-        "step",
-        "speedup",
-        1.25,
-        ("reference_compiled",),
-    ),
-    Target("train step ViT-B MFU (%)", "train_step", "vit_b", "step", "mfu", 55.0),
-    Target("train step ViT-L vs eager reference", "train_step", "vit_l", "step", "speedup", 1.6, ("reference_eager",)),
-    Target(
-        "train step ViT-L vs compiled reference",
-        "train_step",
-        "vit_l",
-        "step",
-        "speedup",
-        1.25,
-        ("reference_compiled",),
-    ),
-    Target("train step ViT-L MFU (%)", "train_step", "vit_l", "step", "mfu", 55.0),
+    *_train_step_targets("vit_b", "ViT-B"),
+    *_train_step_targets("vit_l", "ViT-L"),
     Target("patchify+gather fwd, % of copy bandwidth", "patchify_gather", "vit_b", "fwd", "pct_of_copy_bw", 85.0),
     Target("patchify+gather bwd, % of copy bandwidth", "patchify_gather", "vit_b", "bwd", "pct_of_copy_bw", 85.0),
     Target("patchify+gather fwd vs PyTorch", "patchify_gather", "vit_b", "fwd", "speedup", 3.0, ("reference",)),
