@@ -14,7 +14,6 @@ import pytest
 import torch
 from cuda_cases import (
     FLOAT_DTYPES,
-    GATHER_SHAPES,
     HALF_DTYPES,
     LOSS_SHAPES,
     TOL,
@@ -42,13 +41,6 @@ def _random_ids(batch: int, length: int, keep: int) -> torch.Tensor:
     return torch.argsort(torch.rand(batch, length), dim=1)[:, :keep].contiguous()
 
 
-def _conv_order_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.Tensor:
-    """The visible patches in the Conv2d weight's (c, i, j) order."""
-    b, c, h, w = imgs.shape
-    patches = imgs.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
-    return reference.gather_tokens(patches, ids_keep)
-
-
 def _assert_close(mine: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, what: str):
     """Within the dtype's tolerance, relative to the largest exact value."""
     scale = max(exact.abs().max().item(), 1e-12)
@@ -58,43 +50,6 @@ def _assert_close(mine: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, w
 
 
 # --- patchify / gather / scatter -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 8, 12, 4), (1, 1, 14, 7, 7), (2, 4, 16, 16, 8)])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_patchify_and_unpatchify(emu, shape, dtype):
-    b, c, h, w, p = shape
-    imgs = torch.randn(b, c, h, w).to(dtype)
-    patches = emu.patchify(imgs, p)
-    assert torch.equal(patches, reference.patchify(imgs, p))
-    assert torch.equal(emu.unpatchify(patches, p, h // p, w // p), imgs)
-
-
-@pytest.mark.parametrize("shape", GATHER_SHAPES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [True, False], ids=["ijc", "cij"])
-def test_gather_and_scatter_patches(emu, shape, dtype, channels_last):
-    b, c, h, w, p, keep = shape
-    imgs = torch.randn(b, c, h, w).to(dtype)
-    for ids in (_random_ids(b, (h // p) * (w // p), keep), _random_ids(b, (h // p) * (w // p), keep).int()):
-        expected = reference.patchify_gather(imgs, ids, p) if channels_last else _conv_order_gather(imgs, ids, p)
-        patches = emu.gather_patches(imgs, ids, p, channels_last)
-        assert torch.equal(patches, expected)
-        # the scatter is the gather's backward: every kept pixel gets its gradient, the rest 0
-        grad = torch.randn(b, keep, c * p * p).to(dtype)
-        leaf = imgs.double().requires_grad_()
-        gathered = reference.patchify_gather(leaf, ids, p) if channels_last else _conv_order_gather(leaf, ids, p)
-        gathered.backward(grad.double())
-        assert torch.equal(emu.scatter_patches(grad, ids, p, channels_last, c, h, w).double(), leaf.grad)
-
-
-def test_scatter_patches_sums_repeated_ids(emu):
-    imgs = torch.randn(2, 3, 8, 8)
-    ids = torch.tensor([[1, 1, 2], [0, 3, 0]])
-    grad = torch.randn(2, 3, 48)
-    leaf = imgs.double().requires_grad_()
-    reference.patchify_gather(leaf, ids, 4).backward(grad.double())
-    torch.testing.assert_close(emu.scatter_patches(grad, ids, 4, True, 3, 8, 8).double(), leaf.grad)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 16, 16, 8, 3, 32), (1, 1, 14, 14, 7, 2, 24)])
@@ -262,10 +217,6 @@ def _opcheck_cases():
     out, lse = torch.ops.mae_fast_emu.visible_attention(*(t.detach() for t in qkv), None, 17, 0.2)
     mask = reference.random_masking(torch.rand(2, 6), 3)[2]
     return {
-        "patchify": (leaf(imgs.clone()), 4),
-        "unpatchify": (leaf(torch.randn(2, 6, 48)), 4, 2, 3),
-        "gather_patches": (leaf(imgs.clone()), ids, 4, False),
-        "scatter_patches": (leaf(torch.randn(2, 3, 48)), ids, 4, True, 3, 8, 12),
         "patch_embed_gather": (
             leaf(imgs.clone()),
             ids,
@@ -291,10 +242,6 @@ def _opcheck_cases():
 @pytest.mark.parametrize(
     "name",
     [
-        "patchify",
-        "unpatchify",
-        "gather_patches",
-        "scatter_patches",
         "patch_embed_gather",
         "unshuffle_mask_tokens",
         "unshuffle_mask_tokens_backward",

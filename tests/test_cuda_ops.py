@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from cuda_cases import (
     FLOAT_DTYPES,
-    GATHER_SHAPES,
     HALF_DTYPES,
     LOSS_SHAPES,
     TOL,
@@ -30,7 +29,6 @@ from mae_fast import _extension, dispatch, reference
 from mae_fast.ops import (
     masked_mse_loss,
     patch_embed_gather,
-    patchify_gather,
     random_masking,
     unshuffle_mask_tokens,
     visible_attention,
@@ -65,41 +63,6 @@ def _randn(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 # --- patchify_gather -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", GATHER_SHAPES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_patchify_gather_forward_backward(shape, dtype):
-    b, c, h, w, p, k = shape
-    imgs = torch.randn(b, c, h, w, device="cuda", dtype=dtype)
-    ids = _random_ids(b, (h // p) * (w // p), k)
-    x_cuda, x_ref = _leaf(imgs), _leaf(imgs)
-    out = patchify_gather(x_cuda, ids, p, backend="cuda")
-    expected = reference.patchify_gather(x_ref, ids, p)
-    assert torch.equal(out, expected)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    assert torch.equal(x_cuda.grad, x_ref.grad)
-
-
-def test_patchify_gather_backward_sums_repeated_ids():
-    imgs = torch.randn(2, 3, 16, 16, device="cuda")
-    ids = torch.tensor([[0, 5, 0, 3], [15, 15, 15, 2]], device="cuda")
-    x_cuda, x_ref = _leaf(imgs), _leaf(imgs)
-    grad = torch.randn(2, 4, 48, device="cuda")
-    patchify_gather(x_cuda, ids, 4, backend="cuda").backward(grad)
-    reference.patchify_gather(x_ref, ids, 4).backward(grad)
-    torch.testing.assert_close(x_cuda.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("shape", GATHER_SHAPES[:3])
-def test_patchify_gather_matches_triton(shape):
-    b, c, h, w, p, k = shape
-    imgs = torch.randn(b, c, h, w, device="cuda")
-    ids = _random_ids(b, (h // p) * (w // p), k)
-    _triton_or_skip("patchify_gather", imgs, ids, p)
-    assert torch.equal(patchify_gather(imgs, ids, p, backend="cuda"), patchify_gather(imgs, ids, p, backend="triton"))
 
 
 # --- patch_embed_gather --------------------------------------------------------------------------------

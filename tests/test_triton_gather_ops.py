@@ -1,4 +1,4 @@
-"""Triton patchify_gather, patch_embed_gather and unshuffle_mask_tokens against the reference.
+"""Triton patch_embed_gather and unshuffle_mask_tokens against the reference (patchify: tests/ops/).
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (tests/conftest.py), so the
 shapes are small. Every output starts as NaN (MAE_FAST_POISON_OUTPUTS), so an element a kernel does
@@ -55,87 +55,6 @@ def grads_of(fn, inputs, grad_out):
 
 
 # --- patchify_gather ---------------------------------------------------------------------------------
-
-# (B, C, H, W, p, K): L = 1 = K; p = 14 non-square K = L; L = 40 (not a block multiple); C = 1, K = 1;
-# C = 20 (two channel blocks)
-GATHER_SHAPES = [
-    (1, 1, 8, 8, 8, 1),
-    (2, 3, 28, 42, 14, 6),
-    (3, 3, 16, 40, 4, 7),
-    (2, 1, 24, 16, 8, 1),
-    (1, 20, 8, 8, 4, 2),
-]
-
-
-@pytest.mark.parametrize("shape", GATHER_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", HALF_AND_FULL + [torch.float64], ids=str)
-def test_patchify_gather_matches_reference(device, shape, dtype):
-    b, c, h, w, p, k = shape
-    imgs = torch.randn(b, c, h, w, device=device).to(dtype)
-    ids = keep_ids(b, (h // p) * (w // p), k, device)
-    grad_out = torch.randn(b, k, p * p * c, device=device).to(dtype)
-    out, (grad_imgs, _) = grads_of(lambda x, i: ops.patchify_gather(x, i, p, backend="triton"), (imgs, ids), grad_out)
-    expected, (expected_grad, _) = grads_of(lambda x, i: reference.patchify_gather(x, i, p), (imgs, ids), grad_out)
-    assert torch.equal(out, expected)
-    assert torch.equal(grad_imgs, expected_grad)
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 8, 8, 8), (2, 3, 28, 42, 14), (2, 3, 12, 20, 4)], ids=str)
-def test_patchify_and_unpatchify_on_every_patch(device, shape):
-    """The model's patchify / unpatchify methods on backend="triton": the same kernels, every patch kept."""
-    b, c, h, w, p = shape
-    imgs = torch.randn(b, c, h, w, device=device)
-    grad = torch.randn(b, (h // p) * (w // p), p * p * c, device=device)
-    patches, (grad_imgs,) = grads_of(lambda x: ops.patchify(x, p, backend="triton"), (imgs,), grad)
-    expected, (expected_grad,) = grads_of(lambda x: reference.patchify(x, p), (imgs,), grad)
-    assert torch.equal(patches, expected) and torch.equal(grad_imgs, expected_grad)
-    back, (grad_patches,) = grads_of(
-        lambda x: ops.unpatchify(x, p, (h // p, w // p), backend="triton"), (patches,), imgs
-    )
-    assert torch.equal(back, imgs)
-    assert torch.equal(grad_patches, expected)
-
-
-@pytest.mark.parametrize("layout", ["channels_last", "cropped", "int32_strided_ids"])
-def test_patchify_gather_non_contiguous(device, layout):
-    b, c, h, w, p, k = 2, 3, 16, 24, 8, 4
-    big = torch.randn(b, c, h + 3, w + 5, device=device)
-    imgs = big[:, :, 1 : h + 1, 2 : w + 2] if layout == "cropped" else big[:, :, :h, :w].contiguous()
-    if layout == "channels_last":
-        imgs = imgs.to(memory_format=torch.channels_last)
-    ids = keep_ids(b, 6, 2 * k if layout == "int32_strided_ids" else k, device)
-    if layout == "int32_strided_ids":
-        ids = ids.to(torch.int32)[:, ::2]
-        assert not ids.is_contiguous()
-    expected = reference.patchify_gather(imgs, ids.long(), p)
-    assert torch.equal(ops.patchify_gather(imgs, ids, p, backend="triton"), expected)
-
-
-def test_patchify_gather_gradcheck_and_double_backward(device):
-    """gather and scatter are adjoint custom ops: first and second derivatives in float64."""
-    imgs = torch.randn(1, 2, 8, 12, device=device, dtype=torch.float64, requires_grad=True)
-    ids = keep_ids(1, 6, 3, device)
-
-    def fn(x):
-        return TRITON.gather_patches(x, ids, 4, True)
-
-    assert torch.autograd.gradcheck(fn, (imgs,), fast_mode=True)
-    assert torch.autograd.gradgradcheck(fn, (imgs,), fast_mode=True)
-
-
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_patchify_scatter_is_the_adjoint(device, channels_last):
-    """<gather(x), y> == <x, scatter(y)>, and scatter leaves the hidden patches at exactly zero."""
-    b, c, h, w, p, k = 2, 3, 12, 8, 4, 3
-    imgs = torch.randn(b, c, h, w, device=device, dtype=torch.float64)
-    ids = keep_ids(b, 6, k, device)
-    patches = torch.randn(b, k, p * p * c, device=device, dtype=torch.float64)
-    gathered = TRITON.gather_patches(imgs, ids, p, channels_last)
-    scattered = TRITON.scatter_patches(patches, ids, p, channels_last, c, h, w)
-    torch.testing.assert_close((gathered * patches).sum(), (imgs * scattered).sum())
-    covered = TRITON.scatter_patches(torch.ones_like(patches), ids, p, channels_last, c, h, w)
-    assert torch.equal(scattered * (1 - covered), torch.zeros_like(scattered))
-    assert covered.sum().item() == b * k * p * p * c
 
 
 # --- patch_embed_gather ------------------------------------------------------------------------------
@@ -305,13 +224,9 @@ def _custom_op_cases(device):
     b, c, h, w, p, d, k = 2, 3, 8, 12, 4, 24, 3
     imgs, ids, weight, bias, pos = _embed_inputs(device, (b, c, h, w, p, d, k), torch.float32)
     x, mask_token, ids_restore, dpos = _unshuffle_inputs(device, (b, 6, k, d), torch.float32)
-    patches = torch.randn(b, k, p * p * c, device=device)
-    leaf = [imgs, weight, bias, pos, x, mask_token, dpos, patches]
-    imgs, weight, bias, pos, x, mask_token, dpos, patches = [t.requires_grad_() for t in leaf]
+    leaf = [imgs, weight, bias, pos, x, mask_token, dpos]
+    imgs, weight, bias, pos, x, mask_token, dpos = [t.requires_grad_() for t in leaf]
     return {
-        "patchify_gather": (TRITON.gather_patches, (imgs, ids, p, True)),
-        "patchify_gather_conv_order": (TRITON.gather_patches, (imgs, ids, p, False)),
-        "patchify_scatter": (TRITON.scatter_patches, (patches, ids, p, True, c, h, w)),
         "patch_embed_gather": (TRITON.patch_embed_gather, (imgs, ids, weight, bias, pos)),
         "patch_embed_gather_no_bias_pos": (TRITON.patch_embed_gather, (imgs, ids, weight, None, None)),
         "patch_embed_pos_grad": (TRITON.patch_embed_pos_grad, (torch.randn(b, k, d, device=device), ids, 6)),
@@ -326,9 +241,6 @@ def _custom_op_cases(device):
 @pytest.mark.parametrize(
     "case",
     [
-        "patchify_gather",
-        "patchify_gather_conv_order",
-        "patchify_scatter",
         "patch_embed_gather",
         "patch_embed_gather_no_bias_pos",
         "patch_embed_pos_grad",
@@ -355,9 +267,8 @@ def test_torch_compile_fullgraph_traces_all_three_ops(device):
 
     def step(imgs, weight, x, mask_token):
         tokens = TRITON.patch_embed_gather(imgs, ids, weight, bias, pos)
-        patches = TRITON.gather_patches(imgs, ids, p, True)
         decoder_in = TRITON.unshuffle_mask_tokens(x, mask_token, ids_restore, dpos)
-        return tokens.square().sum() + patches.pow(3).sum() + decoder_in.square().sum()
+        return tokens.square().sum() + decoder_in.square().sum()
 
     leaves = [t.requires_grad_() for t in (imgs, weight, x, mask_token)]
     torch._dynamo.reset()
@@ -380,9 +291,8 @@ def test_torch_compile_inductor_gpu():
 
     def step(imgs, weight, x):
         tokens = TRITON.patch_embed_gather(imgs, ids, weight, bias, pos)
-        patches = TRITON.gather_patches(imgs, ids, 16, True)
         decoder_in = TRITON.unshuffle_mask_tokens(x, mask_token, ids_restore, dpos)
-        return tokens.float().square().sum() + patches.float().pow(3).sum() + decoder_in.float().square().sum()
+        return tokens.float().square().sum() + decoder_in.float().square().sum()
 
     leaves = [t.requires_grad_() for t in (imgs, weight, x)]
     torch._dynamo.reset()
@@ -409,7 +319,7 @@ def test_release_sized_shapes_gpu(dtype):
 def test_model_with_triton_gather_ops_matches_reference(device, monkeypatch, norm_pix_loss):
     """backend="triton" runs these three ops in the model; ops owned elsewhere are pinned to the
     reference here so that this test judges only the kernels of this file."""
-    mine = {"patchify_gather", "patch_embed_gather", "unshuffle_mask_tokens"}
+    mine = {"patch_embed_gather", "unshuffle_mask_tokens"}
     for op in set(dispatch.ops()) - mine:
         implementations = dispatch._ops[op].implementations
         monkeypatch.setitem(implementations, "triton", implementations["reference"])
@@ -444,12 +354,6 @@ def test_bad_input_is_a_clear_error(device):
     imgs, ids, weight, bias, pos = _embed_inputs(device, (2, 3, 16, 24, 8, 24, 4), torch.float32)
     x, mask_token, ids_restore, dpos = _unshuffle_inputs(device, (2, 6, 4, 24), torch.float32)
     cases = [
-        (lambda: ops.patchify_gather(imgs, ids + 6, 8, backend="triton"), r"ids_keep values must lie in \[0, 6\)"),
-        (lambda: ops.patchify_gather(imgs, ids - 1, 8, backend="triton"), "ids_keep values"),
-        (lambda: ops.patchify_gather(imgs, ids.float(), 8, backend="triton"), "ids_keep must be int64 or int32"),
-        (lambda: ops.patchify_gather(imgs, ids[:1], 8, backend="triton"), "ids_keep batch size 1"),
-        (lambda: ops.patchify_gather(imgs, ids, 5, backend="triton"), "divisible by patch_size=5"),
-        (lambda: ops.patchify_gather(imgs, ids.to("meta"), 8, backend="triton"), "one device"),
         (lambda: ops.patch_embed_gather(imgs, ids + 6, weight, bias, pos, backend="triton"), "ids_keep values"),
         (lambda: ops.patch_embed_gather(imgs, ids.double(), weight, bias, pos, backend="triton"), "ids_keep must"),
         (lambda: ops.patch_embed_gather(imgs[:1], ids, weight, bias, pos, backend="triton"), "ids_keep batch size"),
@@ -478,8 +382,6 @@ def test_triton_backend_refusals_name_the_reason(device):
         ops.unshuffle_mask_tokens(x, mask_token, ids_restore, dpos, backend="triton")
     repeated = torch.tensor([[0]], device=device)
     with pytest.raises(dispatch.BackendError, match="distinct ids"):
-        ops.patchify_gather(torch.randn(1, 1, 8, 16, device=device), repeated.expand(1, 2), 8, backend="triton")
-    with pytest.raises(dispatch.BackendError, match="distinct ids"):
         ops.patch_embed_gather(torch.randn(1, 3, 16, 8, device=device), repeated.expand(1, 2), weight, backend="triton")
     x, mask_token, _, _ = _unshuffle_inputs(device, (1, 4, 2, 16), torch.float32)
     with pytest.raises(dispatch.BackendError, match="permutations of 0..3"):
@@ -489,15 +391,6 @@ def test_triton_backend_refusals_name_the_reason(device):
 # --- ahead-of-time compilation for the GPU -------------------------------------------------------------
 
 INDEX_ARGS = ("num_visible", "grid_w", "stride_b", "stride_c", "stride_h", "stride_w")
-
-
-def _gather_job(dtype, arch, kernel, conv_order=False):
-    names = ("src_ptr", "ids_ptr", "imgs_ptr") if kernel == "_scatter_kernel" else ("imgs_ptr", "ids_ptr", "out_ptr")
-    signature = dict(zip(names, (f"*{dtype}", "*i64", f"*{dtype}"), strict=True))
-    signature.update(dict.fromkeys(INDEX_ARGS, "i32"))
-    block_pix, block_c = gather_kernel.block_sizes(16, 3)
-    constexprs = {"P": 16, "C": 3, "CONV_ORDER": conv_order, "BLOCK_PIX": block_pix, "BLOCK_C": block_c}
-    return "mae_fast.kernels.patchify_gather", kernel, signature, constexprs, arch, 4, 3
 
 
 def _embed_job(dtype, arch, patch):
@@ -539,12 +432,6 @@ def _unshuffle_job(dtype, arch, backward):
 def _aot_jobs():
     """The launchers' default configs, at ViT-B/16 sizes (p = 16, C = 3, D = 768, Dd = 512) and p = 14."""
     jobs = {
-        "gather bf16": _gather_job("bf16", 90, "_gather_kernel"),
-        "gather fp32": _gather_job("fp32", 80, "_gather_kernel"),
-        "scatter bf16": _gather_job("bf16", 90, "_scatter_kernel"),
-        "scatter fp32": _gather_job("fp32", 80, "_scatter_kernel"),
-        "gather conv order bf16": _gather_job("bf16", 90, "_gather_kernel", conv_order=True),
-        "scatter conv order fp32": _gather_job("fp32", 80, "_scatter_kernel", conv_order=True),
         "patch_embed bf16 p16": _embed_job("bf16", 90, 16),
         "patch_embed bf16 p16 ": _embed_job("bf16", 80, 16),
         "patch_embed fp16 p14": _embed_job("fp16", 90, 14),
