@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness
+from benchmarks import harness, schema
 from mae_fast import dispatch, ops, reference
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -67,17 +67,28 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in harness.flatten(tensors) if isinstance(t, torch.Tensor))
 
 
-def _mae_fast_providers(op: str, call: Callable[..., object], explain_args: Callable[..., tuple]) -> list[Provider]:
-    """The "triton" and "cuda" backends of ``op``, skipped with the dispatcher's reason when they cannot run."""
-    providers = []
+def _providers(
+    op: str,
+    spec: Callable[..., object],
+    peers: list[Provider],
+    op_args: Callable[..., tuple],
+    explain_args: Callable[..., tuple] | None = None,
+) -> list[Provider]:
+    """The eager reference ``spec``, the ``peers``, then the "triton" and "cuda" backends: ``mae_fast.ops.<op>``
+    on ``op_args(*inputs)``, each skipped with the dispatcher's reason when it cannot run (asked with
+    ``explain_args(*inputs)``, by default the same arguments)."""
+    public_op = getattr(ops, op)
+    explain_args = explain_args or op_args
+    providers = [Provider("reference", spec), *peers]
     for backend in ("triton", "cuda"):
+
+        def run(*inputs, backend=backend):
+            return public_op(*op_args(*inputs), backend=backend)
 
         def unavailable(*inputs, backend=backend):
             return dispatch.explain(op, *explain_args(*inputs))[backend]
 
-        providers.append(
-            Provider(backend, lambda *inputs, backend=backend: call(*inputs, backend=backend), unavailable)
-        )
+        providers.append(Provider(backend, run, unavailable))
     return providers
 
 
@@ -115,13 +126,10 @@ def patchify_gather_case(label, cfg, batch, device, peers) -> Case:
             "fwd+bwd": read + 2 * _nbytes(out) + _nbytes(imgs),
         }
 
-    providers = [Provider("reference", lambda imgs, ids: reference.patchify_gather(imgs, ids, p))]
-    providers += peers(lambda imgs, ids: reference.patchify_gather(imgs, ids, p))
-    providers += _mae_fast_providers(
-        "patchify_gather",
-        lambda imgs, ids, backend: ops.patchify_gather(imgs, ids, p, backend=backend),
-        lambda imgs, ids: (imgs, ids, p),
-    )
+    def spec(imgs, ids):
+        return reference.patchify_gather(imgs, ids, p)
+
+    providers = _providers("patchify_gather", spec, peers(spec), lambda imgs, ids: (imgs, ids, p))
     return Case(
         "patchify_gather",
         label,
@@ -129,7 +137,7 @@ def patchify_gather_case(label, cfg, batch, device, peers) -> Case:
         "fp32",
         make_inputs,
         (0,),
-        lambda imgs, ids: reference.patchify_gather(imgs, ids, p),
+        spec,
         providers,
         bytes_moved,
     )
@@ -163,16 +171,9 @@ def patch_embed_gather_case(label, cfg, batch, device, peers, autocast) -> Case:
         }
 
     gemm = 2 * batch * kept * patch_dim * dim
-    providers = [
-        Provider("reference", reference.patch_embed_gather),
-        Provider("release_conv_all_patches", release_conv),
-    ]
-    providers += peers(reference.patch_embed_gather)
-    providers += _mae_fast_providers(
-        "patch_embed_gather",
-        lambda *inputs, backend: ops.patch_embed_gather(*inputs, backend=backend),
-        lambda *inputs: inputs,
-    )
+    spec = reference.patch_embed_gather
+    release = Provider("release_conv_all_patches", release_conv)
+    providers = _providers("patch_embed_gather", spec, [release, *peers(spec)], lambda *inputs: inputs)
     return Case(
         "patch_embed_gather",
         label,
@@ -180,7 +181,7 @@ def patch_embed_gather_case(label, cfg, batch, device, peers, autocast) -> Case:
         "bf16 autocast, fp32 imgs" if autocast else "fp32",
         make_inputs,
         (2, 3),  # the weight and bias get gradients; images and the frozen position table do not
-        reference.patch_embed_gather,
+        spec,
         providers,
         bytes_moved,
         flops={"fwd": gemm, "bwd": gemm, "fwd+bwd": 2 * gemm},
@@ -208,13 +209,8 @@ def unshuffle_case(label, cfg, batch, device, peers, dtype) -> Case:
             "fwd+bwd": read + 2 * _nbytes(out) + _nbytes(restore) + _nbytes(x, mask_token),
         }
 
-    providers = [Provider("reference", reference.unshuffle_mask_tokens)]
-    providers += peers(reference.unshuffle_mask_tokens)
-    providers += _mae_fast_providers(
-        "unshuffle_mask_tokens",
-        lambda *inputs, backend: ops.unshuffle_mask_tokens(*inputs, backend=backend),
-        lambda *inputs: inputs,
-    )
+    spec = reference.unshuffle_mask_tokens
+    providers = _providers("unshuffle_mask_tokens", spec, peers(spec), lambda *inputs: inputs)
     return Case(
         "unshuffle_mask_tokens",
         label,
@@ -222,7 +218,7 @@ def unshuffle_case(label, cfg, batch, device, peers, dtype) -> Case:
         _dtype_name(dtype),
         make_inputs,
         (0, 1),
-        reference.unshuffle_mask_tokens,
+        spec,
         providers,
         bytes_moved,
     )
@@ -238,21 +234,18 @@ def masked_mse_loss_case(label, cfg, batch, device, peers, dtype) -> Case:
         imgs = torch.randn(batch, CHANNELS, side, side, device=device)
         return pred, imgs, _random_ids(batch, length, device)[2]
 
+    def loss_args(pred, imgs, mask):
+        return pred, imgs, mask, p, True, 1e-6  # the pixel-normalised loss with the release's eps
+
     def loss(pred, imgs, mask):
-        return reference.masked_mse_loss(pred, imgs, mask, p, True, 1e-6)
+        return reference.masked_mse_loss(*loss_args(pred, imgs, mask))
 
     def bytes_moved(inputs, out):
         pred, imgs, mask = inputs
         read = _nbytes(pred, mask) + _nbytes(imgs) * (length - kept) // length
         return {"fwd": read, "bwd": read + _nbytes(pred), "fwd+bwd": read + _nbytes(pred)}
 
-    providers = [Provider("reference", loss)]
-    providers += peers(loss)
-    providers += _mae_fast_providers(
-        "masked_mse_loss",
-        lambda pred, imgs, mask, backend: ops.masked_mse_loss(pred, imgs, mask, p, True, 1e-6, backend=backend),
-        lambda pred, imgs, mask: (pred, imgs, mask, p, True, 1e-6),
-    )
+    providers = _providers("masked_mse_loss", loss, peers(loss), loss_args)
     return Case(
         "masked_mse_loss",
         label,
@@ -279,11 +272,11 @@ def random_masking_case(label, cfg, batch, device, peers) -> Case:
     def bytes_moved(inputs, out):
         return {"fwd": _nbytes(inputs) + _nbytes(out)}
 
-    providers = [Provider("reference", masking)]
-    providers += peers(masking)
-    providers += _mae_fast_providers(
+    providers = _providers(
         "random_masking",
-        lambda noise, backend: ops.random_masking(batch, length, MASK_RATIO, noise=noise, backend=backend),
+        masking,
+        peers(masking),
+        lambda noise: (batch, length, MASK_RATIO, noise),
         lambda noise: (noise, kept),
     )
     return Case(
@@ -328,6 +321,21 @@ def _xformers_provider() -> list[Provider]:
     return [Provider("xformers_memory_efficient", lambda q, k, v: memory_efficient_attention(q, k, v), may_refuse=True)]
 
 
+def _attention_case(op, label, shape, dtype, make_inputs, attend, providers, fwd_flops) -> Case:
+    """A Case of attention on q, k, v (the first three inputs, which get gradients): the forward reads them and
+    writes the output; the backward reads them, the output and its gradient, writes three gradients and does
+    2.5 times the forward's matmul FLOPs."""
+
+    def bytes_moved(inputs, out):
+        qkv, written = _nbytes(inputs[:3]), _nbytes(out)
+        return {"fwd": qkv + written, "bwd": 2 * qkv + 2 * written, "fwd+bwd": 3 * qkv + 3 * written}
+
+    flops = {"fwd": fwd_flops, "bwd": int(2.5 * fwd_flops), "fwd+bwd": int(3.5 * fwd_flops)}
+    return Case(
+        op, label, shape, _dtype_name(dtype), make_inputs, (0, 1, 2), attend, providers, bytes_moved, flops=flops
+    )
+
+
 def attention_case(label, batch, seq, heads, head_dim, device, peers, dtype) -> Case:
     def make_inputs():
         return tuple(torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
@@ -335,31 +343,16 @@ def attention_case(label, batch, seq, heads, head_dim, device, peers, dtype) -> 
     def attend(q, k, v):
         return reference.attention(q, k, v)[0]
 
-    def bytes_moved(inputs, out):
-        qkv = _nbytes(inputs)
-        return {"fwd": qkv + _nbytes(out), "bwd": 2 * qkv + 2 * _nbytes(out), "fwd+bwd": 3 * qkv + 3 * _nbytes(out)}
-
     fwd = 4 * batch * heads * seq * seq * head_dim
-    providers = [Provider("reference", attend)]
-    providers += peers(attend)
-    providers += _sdpa_providers(device) + _xformers_provider()
-    providers += _mae_fast_providers(
+    providers = _providers(
         "visible_attention",
-        lambda q, k, v, backend: ops.visible_attention(q, k, v, backend=backend),
+        attend,
+        [*peers(attend), *_sdpa_providers(device), *_xformers_provider()],
+        lambda q, k, v: (q, k, v),
         lambda q, k, v: (q, k, v, None, q.shape[1], q.shape[-1] ** -0.5),
     )
-    return Case(
-        "visible_attention",
-        label,
-        dict(B=batch, N=seq, H=heads, d=head_dim),
-        _dtype_name(dtype),
-        make_inputs,
-        (0, 1, 2),
-        attend,
-        providers,
-        bytes_moved,
-        flops={"fwd": fwd, "bwd": int(2.5 * fwd), "fwd+bwd": int(3.5 * fwd)},
-    )
+    shape = dict(B=batch, N=seq, H=heads, d=head_dim)
+    return _attention_case("visible_attention", label, shape, dtype, make_inputs, attend, providers, fwd)
 
 
 def varlen_lengths(batch: int, seq: int, generator: torch.Generator) -> list[int]:
@@ -389,29 +382,16 @@ def varlen_attention_case(label, batch, seq, heads, head_dim, device, dtype) -> 
     def attend(q, k, v, cu_seqlens):
         return reference.varlen_attention(q, k, v, cu_seqlens)[0]
 
-    def bytes_moved(inputs, out):
-        qkv = _nbytes(inputs[:3])
-        return {"fwd": qkv + _nbytes(out), "bwd": 2 * qkv + 2 * _nbytes(out), "fwd+bwd": 3 * qkv + 3 * _nbytes(out)}
-
     fwd = sum(4 * heads * n * n * head_dim for n in lengths)
-    providers = [Provider("reference", attend)]
-    providers += _mae_fast_providers(
+    providers = _providers(
         "visible_attention",
-        lambda q, k, v, cu, backend: ops.visible_attention(q, k, v, cu, max_len, backend=backend),
+        attend,
+        [],
+        lambda q, k, v, cu: (q, k, v, cu, max_len),
         lambda q, k, v, cu: (q, k, v, cu, max_len, q.shape[-1] ** -0.5),
     )
-    return Case(
-        "visible_attention_varlen",
-        label,
-        dict(B=batch, N=seq, H=heads, d=head_dim, T=total, N_min=min(lengths), N_max=max_len),
-        _dtype_name(dtype),
-        make_inputs,
-        (0, 1, 2),
-        attend,
-        providers,
-        bytes_moved,
-        flops={"fwd": fwd, "bwd": int(2.5 * fwd), "fwd+bwd": int(3.5 * fwd)},
-    )
+    shape = dict(B=batch, N=seq, H=heads, d=head_dim, T=total, N_min=min(lengths), N_max=max_len)
+    return _attention_case("visible_attention_varlen", label, shape, dtype, make_inputs, attend, providers, fwd)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -494,32 +474,8 @@ def _outputs_and_grads(case: Case, fn: Callable, inputs: tuple, grad_out, device
 
 
 def _row(case: Case, provider: str, mode: str, status: str, reason: str | None = None, **extra) -> dict:
-    row = dict(
-        kind="kernel",
-        op=case.op,
-        case=case.label,
-        shape=dict(case.shape),
-        dtype=case.dtype,
-        provider=provider,
-        mode=mode,
-        status=status,
-        reason=reason,
-        median_ms=None,
-        p20_ms=None,
-        p80_ms=None,
-        bytes=None,
-        gbps=None,
-        pct_of_copy_bw=None,
-        flops=case.flops.get(mode),
-        tflops=None,
-        pct_of_matmul=None,
-        speedup={},
-        max_abs_err=None,
-        tolerance=None,
-        timer=None,
-    )
-    row.update(extra)
-    return row
+    identity = dict(op=case.op, case=case.label, shape=dict(case.shape), dtype=case.dtype, provider=provider, mode=mode)
+    return schema.make_row("kernel", **identity, status=status, reason=reason, flops=case.flops.get(mode), **extra)
 
 
 def _timed_fn(case: Case, fn: Callable, sets: list[tuple], mode: str, grad_out, device):
@@ -583,7 +539,7 @@ def run_case(
             result = _outputs_and_grads(case, provider.fn, inputs, grad_out, device)
         except Exception as error:  # report and go on: one broken provider must not stop the suite
             status = "skipped" if provider.may_refuse else "error"
-            rows += [_row(case, provider.name, m, status, _message(error)) for m in case.modes]
+            rows += [_row(case, provider.name, m, status, harness.error_message(error)) for m in case.modes]
             continue
         verdict = harness.compare(result, exact, eager_result)
         check = dict(max_abs_err=verdict.max_abs_err, tolerance=verdict.tolerance)
@@ -593,12 +549,9 @@ def run_case(
         for mode in case.modes:
             try:
                 fn, resets, setup = _timed_fn(case, provider.fn, sets, mode, grad_out, device)
-                if setup is None:
-                    timing = harness.measure(fn, device, resets, smoke, rep_ms)
-                else:
-                    timing = harness.measure_with_setup(setup, fn, device, resets, smoke, rep_ms)
+                timing = harness.measure(fn, device, resets, smoke, rep_ms, setup)
             except Exception as error:  # e.g. out of memory in one mode: record it, time the others
-                rows.append(_row(case, provider.name, mode, "error", _message(error), **check))
+                rows.append(_row(case, provider.name, mode, "error", harness.error_message(error), **check))
                 continue
             rows.append(_row(case, provider.name, mode, "ok", **check, **_rates(case, mode, timing, moved, ceilings)))
     add_speedups(rows)
@@ -606,16 +559,10 @@ def run_case(
     return rows
 
 
-def _message(error: Exception) -> str:
-    """First line of an exception, with its type, for a row's reason."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-
-
 def failed_case_rows(case: Case, error: Exception) -> list[dict]:
     """Rows for a case whose setup itself failed (e.g. out of memory in the float64 reference)."""
     return [
-        _row(case, p.name, m, "error", f"case setup failed: {_message(error)}")
+        _row(case, p.name, m, "error", f"case setup failed: {harness.error_message(error)}")
         for p in case.providers
         for m in case.modes
     ]

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from benchmarks import harness
+from benchmarks import harness, schema
 from benchmarks.reference_mae import ReferenceMAE, model_train_flops_per_image
 from mae_fast.models import create_model
 
@@ -55,39 +55,14 @@ def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Opti
 
 
 def _row(name, batch, dtype, provider, status, reason=None, **extra) -> dict:
-    row = dict(
-        kind="train_step",
-        op="train_step",
-        case=name,
-        shape=dict(B=batch),
-        dtype=dtype,
-        provider=provider,
-        mode="step",
-        status=status,
-        reason=reason,
-        median_ms=None,
-        p20_ms=None,
-        p80_ms=None,
-        img_per_s=None,
-        peak_mem_gb=None,
-        flops=None,
-        tflops=None,
-        pct_of_matmul=None,
-        speedup={},
-        max_abs_err=None,
-        tolerance=None,
-        compile_s=None,
-        timer=None,
-    )
-    row.update(extra)
-    return row
+    identity = dict(op="train_step", case=name, shape=dict(B=batch), dtype=dtype, provider=provider, mode="step")
+    return schema.make_row("train_step", **identity, status=status, reason=reason, **extra)
 
 
 def failed_rows(name: str, batch: int, device: torch.device, error: Exception) -> list[dict]:
     """Rows for a model whose setup failed (e.g. out of memory building the float64 reference)."""
     dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
-    text = str(error).strip()
-    reason = f"setup failed: {type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+    reason = f"setup failed: {harness.error_message(error)}"
     return [_row(name, batch, dtype, provider, "error", reason) for provider in PROVIDERS]
 
 
@@ -172,15 +147,7 @@ def run_model(
                     name, provider, base, imgs, noise, exact, eager, flops, ceilings, device, dtype, steps
                 )
             except Exception as error:  # one failing provider (e.g. a compile error) must not stop the suite
-                text = str(error).strip()
-                row = _row(
-                    name,
-                    batch,
-                    dtype,
-                    provider,
-                    "error",
-                    f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300],
-                )
+                row = _row(name, batch, dtype, provider, "error", harness.error_message(error))
         rows.append(row)
         if emit is not None:
             emit(row)

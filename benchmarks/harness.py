@@ -61,6 +61,12 @@ class Budget:
         return self.seconds is not None and self.elapsed() >= self.seconds
 
 
+def error_message(error: Exception) -> str:
+    """First line of an exception, with its type, for a row's reason."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -72,18 +78,27 @@ def measure(
     grad_to_none: Sequence[torch.Tensor] = (),
     smoke: bool = False,
     rep_ms: int = 100,
+    setup: Callable[[], object] | None = None,
 ) -> Timing:
-    """Median and p20/p80 of ``fn`` in ms: do_bench with ``rep_ms`` of timed calls on CUDA, a perf_counter
-    loop on the CPU (in smoke mode the correctness check's call is the only warm-up)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
+    """Median and p20/p80 of ``fn`` in ms, with the gradients of ``grad_to_none`` reset and ``setup()`` run
+    (when given: a forward before a backward that frees its graph) untimed before every call. On CUDA:
+    do_bench with ``rep_ms`` of timed calls, or, with a set-up, CUDA events around each call after an L2
+    flush; on the CPU a perf_counter loop (in smoke mode the correctness check's call is the only warm-up)."""
 
-        warmup, rep = max(5, rep_ms // 4), rep_ms
-        median, p20, p80 = do_bench(
-            fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none), quantiles=[0.5, 0.2, 0.8]
-        )
-        return Timing(float(median), float(p20), float(p80), "triton.testing.do_bench (CUDA events, L2 flushed)")
-    return _cpu_timing(lambda: _reset_grads(grad_to_none), fn, smoke)
+    def prepare():
+        _reset_grads(grad_to_none)
+        if setup is not None:
+            setup()
+
+    if device.type != "cuda":
+        return _cpu_timing(prepare, fn, smoke)
+    if setup is not None:
+        return _cuda_event_timing(prepare, fn, device, rep_ms)
+    from triton.testing import do_bench
+
+    warmup, rep = max(5, rep_ms // 4), rep_ms
+    median, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none), quantiles=[0.5, 0.2, 0.8])
+    return Timing(float(median), float(p20), float(p80), "triton.testing.do_bench (CUDA events, L2 flushed)")
 
 
 def _reset_grads(tensors: Sequence[torch.Tensor]) -> None:
@@ -111,23 +126,10 @@ def _cpu_timing(prepare: Callable[[], object], fn: Callable[[], object], smoke: 
     return _timing(samples, "time.perf_counter on the CPU (not a GPU claim)")
 
 
-def measure_with_setup(
-    setup: Callable[[], object],
-    fn: Callable[[], object],
-    device: torch.device,
-    grad_to_none: Sequence[torch.Tensor] = (),
-    smoke: bool = False,
-    rep_ms: int = 100,
+def _cuda_event_timing(
+    prepare: Callable[[], object], fn: Callable[[], object], device: torch.device, rep_ms: int
 ) -> Timing:
-    """As :func:`measure`, for ``fn`` that needs ``setup()`` before every call (a forward before a backward
-    that frees its graph): only ``fn`` is timed, each call between two CUDA events after an L2 flush."""
-
-    def prepare():
-        _reset_grads(grad_to_none)
-        setup()
-
-    if device.type != "cuda":
-        return _cpu_timing(prepare, fn, smoke)
+    """CUDA events around each call of ``fn``, after ``prepare()`` and an L2 flush (both untimed)."""
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
 
     def timed_call():

@@ -47,6 +47,19 @@ ROW_KEYS = {
     "tolerance": (float, type(None)),
 }
 OPTIONAL_NUMBERS = ("gbps", "pct_of_copy_bw", "tflops", "pct_of_matmul", "img_per_s", "peak_mem_gb", "compile_s")
+TIMES = ("median_ms", "p20_ms", "p80_ms")
+# What each kind of row measures: null in a row that was not timed.
+MEASUREMENTS = {
+    "kernel": (*TIMES, "bytes", "gbps", "pct_of_copy_bw", "flops", "tflops", "pct_of_matmul"),
+    "train_step": (*TIMES, "img_per_s", "peak_mem_gb", "flops", "tflops", "pct_of_matmul", "compile_s"),
+}
+
+
+def make_row(kind: str, **fields) -> dict:
+    """A row of ``kind`` with every key its benchmark writes but ``section`` (the runner's): ``fields``, and
+    where they give none, null measurements, no reason, no correctness check, no timer and no speedups."""
+    unset = dict.fromkeys((*MEASUREMENTS[kind], "reason", "max_abs_err", "tolerance", "timer"))
+    return {"kind": kind, **unset, "speedup": {}, **fields}
 
 
 def _is_number(value) -> bool:
