@@ -21,11 +21,11 @@ def _clusters(n_per_class, classes=4, dim=16, spread=0.3, seed=0):
 def test_knn_separable_clusters_and_chance_level():
     train, test = _clusters(30, seed=0), _clusters(10, seed=0)
     test = (test[0] + 0.1 * torch.randn_like(test[0]), test[1])
-    assert knn_accuracy(*train, *test, k=5) == 1.0
+    assert knn_accuracy(train, test, k=5) == 1.0
     shuffled = (train[0], train[1][torch.randperm(len(train[1]))])
-    assert knn_accuracy(*shuffled, *test, k=5) < 0.6
+    assert knn_accuracy(shuffled, test, k=5) < 0.6
     with pytest.raises(ValueError, match="k must be in"):
-        knn_accuracy(*train, *test, k=0)
+        knn_accuracy(train, test, k=0)
 
 
 def test_knn_weighted_vote_by_hand():
@@ -33,19 +33,19 @@ def test_knn_weighted_vote_by_hand():
     train_labels = torch.tensor([0, 1, 1])
     query = torch.tensor([[1.0, 0.02]])
     # k=2: neighbours 0 (label 0, sim ~1) and 1 (label 1, sim ~0.995): the closer one wins the weighted vote
-    assert knn_accuracy(train_feats, train_labels, query, torch.tensor([0]), k=2) == 1.0
+    assert knn_accuracy((train_feats, train_labels), (query, torch.tensor([0])), k=2) == 1.0
     # k=3 adds the far label-1 point: two label-1 votes (exp(0.99/T) + exp(0.02/T)) vs one exp(1/T)
     sims = torch.nn.functional.normalize(train_feats, dim=1) @ torch.nn.functional.normalize(query, dim=1)[0]
     votes1 = (sims[1] / 0.07).exp() + (sims[2] / 0.07).exp()
     expected = 1.0 if (sims[0] / 0.07).exp() > votes1 else 0.0
-    assert knn_accuracy(train_feats, train_labels, query, torch.tensor([0]), k=3) == expected
+    assert knn_accuracy((train_feats, train_labels), (query, torch.tensor([0])), k=3) == expected
 
 
 def test_linear_probe_learns_separable_features():
     train, test = _clusters(40, seed=1), _clusters(10, seed=1)
-    assert linear_probe_accuracy(*train, *test, epochs=10, batch_size=64, lr=3e-2) >= 0.95
+    assert linear_probe_accuracy(train, test, epochs=10, batch_size=64, lr=3e-2) >= 0.95
     with pytest.raises(ValueError, match="epochs must be positive"):
-        linear_probe_accuracy(*train, *test, epochs=0)
+        linear_probe_accuracy(train, test, epochs=0)
 
 
 def test_features_mean_and_cls_pooling():

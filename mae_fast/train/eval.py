@@ -2,7 +2,9 @@
 
 Features come from ``model.encode(imgs)`` (the whole image, nothing masked, after the final norm):
 ``pool="mean"`` averages the patch tokens (the default: MAE's cls token is not trained by any loss),
-``pool="cls"`` takes the cls token. Images get the eval transform only (no augmentation).
+``pool="cls"`` takes the cls token. Images get the eval transform only (no augmentation). The two
+classifiers take the training and the test set each as a (features [N, D] float, labels [N] int64) pair,
+as :func:`extract_features` returns them.
 """
 
 from __future__ import annotations
@@ -35,23 +37,23 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
-def knn_accuracy(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_labels: torch.Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> float:
+Labelled = tuple[torch.Tensor, torch.Tensor]
+
+
+def _num_classes(train: Labelled, test: Labelled) -> int:
+    return int(max(train[1].max(), test[1].max())) + 1
+
+
+def knn_accuracy(train: Labelled, test: Labelled, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
     """Top-1 accuracy of a cosine-similarity kNN whose k neighbours vote with weight exp(sim / T)
-    (the weighted kNN of Wu et al. 2018 / DINO). Features [N, D] float, labels [N] int64."""
+    (the weighted kNN of Wu et al. 2018 / DINO)."""
+    (train_feats, train_labels), (test_feats, test_labels) = train, test
     if k < 1 or k > len(train_feats):
         raise ValueError(f"k must be in [1, {len(train_feats)}], got {k}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    num_classes = _num_classes(train, test)
     train = F.normalize(train_feats.float(), dim=1)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     correct = 0
     for start in range(0, len(test_feats), chunk):
         query = F.normalize(test_feats[start : start + chunk].float(), dim=1)
@@ -62,21 +64,15 @@ def knn_accuracy(
 
 
 def linear_probe_accuracy(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_labels: torch.Tensor,
-    epochs: int = 90,
-    batch_size: int = 256,
-    lr: float = 1e-2,
-    seed: int = 0,
+    train: Labelled, test: Labelled, epochs: int = 90, batch_size: int = 256, lr: float = 1e-2, seed: int = 0
 ) -> float:
     """Top-1 accuracy of BatchNorm1d(affine=False) + Linear trained on frozen features (the paper's
     probe head; 90 epochs as the paper), AdamW with a cosine schedule, cross-entropy."""
+    (train_feats, train_labels), (test_feats, test_labels) = train, test
     if epochs < 1:
         raise ValueError(f"epochs must be positive, got {epochs}")
     generator = torch.Generator().manual_seed(seed)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    num_classes = _num_classes(train, test)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Sequential(
@@ -109,9 +105,9 @@ def evaluate(model, config: TrainConfig, method: str, pool: str = "mean", train_
     train = extract_features(model, train_source, pool, limit=train_limit)
     test = extract_features(model, test_source, pool, limit=test_limit)
     if method == "knn":
-        return knn_accuracy(*train, *test, **kw)
+        return knn_accuracy(train, test, **kw)
     if method == "linprobe":
-        return linear_probe_accuracy(*train, *test, **kw)
+        return linear_probe_accuracy(train, test, **kw)
     raise ValueError(f"method must be 'knn' or 'linprobe', got {method!r}")
 
 
