@@ -53,11 +53,11 @@ def knn_accuracy(train: Labelled, test: Labelled, k: int = 20, temperature: floa
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     num_classes = _num_classes(train, test)
-    train = F.normalize(train_feats.float(), dim=1)
+    keys = F.normalize(train_feats.float(), dim=1)
     correct = 0
     for start in range(0, len(test_feats), chunk):
         query = F.normalize(test_feats[start : start + chunk].float(), dim=1)
-        sims, idx = (query @ train.T).topk(k, dim=1)
+        sims, idx = (query @ keys.T).topk(k, dim=1)
         votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_labels[idx], (sims / temperature).exp())
         correct += int((votes.argmax(dim=1) == test_labels[start : start + chunk]).sum())
     return correct / len(test_feats)
