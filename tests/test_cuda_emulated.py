@@ -52,23 +52,6 @@ def _assert_close(mine: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, w
 # --- patchify / gather / scatter -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 16, 16, 8, 3, 32), (1, 1, 14, 14, 7, 2, 24)])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("with_bias_pos", [True, False], ids=["bias_pos", "bare"])
-def test_patch_embed_gather(emu, shape, dtype, with_bias_pos):
-    b, c, h, w, p, keep, dim = shape
-    length = (h // p) * (w // p)
-    imgs, weight = torch.randn(b, c, h, w).to(dtype), (torch.randn(dim, c, p, p) * 0.1).to(dtype)
-    bias = torch.randn(dim).to(dtype) if with_bias_pos else None
-    pos = torch.randn(1, length, dim).to(dtype) if with_bias_pos else None
-    ids = _random_ids(b, length, keep)
-    out = emu.patch_embed_gather(imgs, ids, weight, bias, pos)
-    bias64, pos64 = (None if t is None else t.double() for t in (bias, pos))
-    exact = reference.patch_embed_gather(imgs.double(), ids, weight.double(), bias64, pos64)
-    assert out.dtype == dtype and out.shape == exact.shape
-    _assert_close(out, exact, dtype, "patch_embed_gather")
-
-
 # --- unshuffle_mask_tokens -------------------------------------------------------------------------------
 
 
@@ -208,7 +191,6 @@ def test_visible_attention_is_deterministic(emu):
 
 
 def _opcheck_cases():
-    ids = _random_ids(2, 6, 3)
     imgs = torch.randn(2, 3, 8, 12)
     leaf = lambda t: t.requires_grad_()  # noqa: E731
     qkv = [leaf(torch.randn(2, 17, 2, 32).to(torch.bfloat16)) for _ in range(3)]
@@ -217,13 +199,6 @@ def _opcheck_cases():
     out, lse = torch.ops.mae_fast_emu.visible_attention(*(t.detach() for t in qkv), None, 17, 0.2)
     mask = reference.random_masking(torch.rand(2, 6), 3)[2]
     return {
-        "patch_embed_gather": (
-            leaf(imgs.clone()),
-            ids,
-            leaf(torch.randn(16, 3, 4, 4)),
-            leaf(torch.randn(16)),
-            leaf(torch.randn(1, 6, 16)),
-        ),
         "unshuffle_mask_tokens": (
             leaf(torch.randn(2, 4, 8)),
             leaf(torch.randn(8)),
@@ -242,7 +217,6 @@ def _opcheck_cases():
 @pytest.mark.parametrize(
     "name",
     [
-        "patch_embed_gather",
         "unshuffle_mask_tokens",
         "unshuffle_mask_tokens_backward",
         "masked_mse_loss",
@@ -258,18 +232,6 @@ def test_fakes_and_autograd_registration_agree_with_the_kernels(emu, name):
     args = _opcheck_cases()[name]
     op = getattr(emu, name.removesuffix("_packed"))
     torch.library.opcheck(op, args)
-
-
-def test_patch_embed_gather_gradients_through_the_autograd_formula(emu):
-    imgs, weight = torch.randn(2, 3, 16, 12), torch.randn(24, 3, 4, 4) * 0.1
-    bias, pos, ids = torch.randn(24), torch.randn(1, 12, 24), _random_ids(2, 12, 5)
-    leaves = [t.clone().requires_grad_() for t in (imgs, weight, bias, pos)]
-    exact_leaves = [t.double().requires_grad_() for t in (imgs, weight, bias, pos)]
-    grad = torch.randn(2, 5, 24)
-    emu.patch_embed_gather(leaves[0], ids, *leaves[1:]).backward(grad)
-    reference.patch_embed_gather(exact_leaves[0], ids, *exact_leaves[1:]).backward(grad.double())
-    for name, mine, exact in zip(("imgs", "weight", "bias", "pos_embed"), leaves, exact_leaves, strict=True):
-        _assert_close(mine.grad, exact.grad, torch.float32, f"grad {name}")
 
 
 def test_unshuffle_and_attention_gradients_through_the_autograd_formulas(emu):

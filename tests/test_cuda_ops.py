@@ -28,7 +28,6 @@ from cuda_cases import (
 from mae_fast import _extension, dispatch, reference
 from mae_fast.ops import (
     masked_mse_loss,
-    patch_embed_gather,
     random_masking,
     unshuffle_mask_tokens,
     visible_attention,
@@ -66,65 +65,6 @@ def _randn(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 # --- patch_embed_gather --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 32, 32, 8, 5, 64), (3, 1, 28, 28, 7, 4, 32), (2, 3, 64, 48, 16, 12, 96)])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("with_bias_pos", [True, False])
-def test_patch_embed_gather_forward_backward(shape, dtype, with_bias_pos):
-    b, c, h, w, p, k, dim = shape
-    length = (h // p) * (w // p)
-    ids = _random_ids(b, length, k)
-    inputs = {
-        "imgs": _randn(b, c, h, w, dtype=dtype),
-        "weight": _randn(dim, c, p, p, dtype=dtype) / (c * p * p) ** 0.5,
-        "bias": _randn(dim, dtype=dtype) if with_bias_pos else None,
-        "pos_embed": torch.randn(1, length, dim, device="cuda") if with_bias_pos else None,
-    }
-    mine = {name: None if t is None else _leaf(t) for name, t in inputs.items()}
-    ref = {name: None if t is None else _leaf(t.double()) for name, t in inputs.items()}
-    out = patch_embed_gather(mine["imgs"], ids, mine["weight"], mine["bias"], mine["pos_embed"], backend="cuda")
-    expected = reference.patch_embed_gather(ref["imgs"], ids, ref["weight"], ref["bias"], ref["pos_embed"])
-    tol = TOL[dtype] * 4
-    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
-    grad = _randn(*out.shape, dtype=out.dtype)
-    out.backward(grad)
-    expected.backward(grad.double())
-    for name, leaf in mine.items():
-        if leaf is not None:
-            scale = ref[name].grad.abs().max().item() + 1e-6
-            assert leaf.grad.dtype == leaf.dtype, name
-            torch.testing.assert_close(leaf.grad.double() / scale, ref[name].grad / scale, rtol=tol, atol=tol)
-
-
-def test_patch_embed_gather_under_autocast():
-    """As the release's conv under bf16 autocast (what training runs): the same bf16 output as the reference
-    backend, and fp32 gradients for the fp32 image and parameters."""
-    b, c, h, w, p, k, dim = 2, 3, 32, 32, 8, 5, 64
-    length = (h // p) * (w // p)
-    ids = _random_ids(b, length, k)
-    inputs = (
-        torch.randn(b, c, h, w, device="cuda"),
-        torch.randn(dim, c, p, p, device="cuda") / (c * p * p) ** 0.5,
-        torch.randn(dim, device="cuda"),
-        torch.randn(1, length, dim, device="cuda"),
-    )
-    grad = _randn(b, k, dim, dtype=torch.bfloat16)
-    results = {}
-    for backend in ("cuda", "reference"):
-        leaves = [_leaf(t) for t in inputs]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = patch_embed_gather(leaves[0], ids, *leaves[1:], backend=backend)
-        out.backward(grad)
-        results[backend] = out, [leaf.grad for leaf in leaves]
-    (out, grads), (expected, expected_grads) = results["cuda"], results["reference"]
-    assert out.dtype == expected.dtype == torch.bfloat16
-    tol = TOL[torch.bfloat16] * 2
-    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
-    for name, mine, theirs in zip(("imgs", "weight", "bias", "pos_embed"), grads, expected_grads, strict=True):
-        assert mine.dtype == torch.float32, name
-        scale = theirs.abs().max().item() + 1e-6
-        torch.testing.assert_close(mine / scale, theirs / scale, rtol=tol, atol=tol)
 
 
 # --- unshuffle_mask_tokens -----------------------------------------------------------------------------
