@@ -55,29 +55,6 @@ def _assert_close(mine: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, w
 # --- unshuffle_mask_tokens -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(2, 16, 4, 32), (3, 9, 2, 12), (1, 49, 12, 64), (2, 5, 5, 8)])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "no_pos"])
-def test_unshuffle_mask_tokens_forward_backward(emu, shape, dtype, with_pos):
-    b, length, keep, dim = shape
-    x, mask_token = torch.randn(b, keep + 1, dim).to(dtype), torch.randn(dim).to(dtype)
-    pos = torch.randn(length + 1, dim).to(dtype) if with_pos else None
-    ids_restore = torch.argsort(torch.rand(b, length), dim=1)
-    out = emu.unshuffle_mask_tokens(x, mask_token, ids_restore, pos)
-    leaves = [x.double().requires_grad_(), mask_token.double().requires_grad_()]
-    exact = reference.unshuffle_mask_tokens(*leaves, ids_restore, None if pos is None else pos.double())
-    assert out.dtype == dtype
-    _assert_close(out, exact, dtype, "out")
-
-    grad = torch.randn(b, length + 1, dim).to(dtype)
-    exact.backward(grad.double())
-    grad_x, grad_mask_token = emu.unshuffle_mask_tokens_backward(grad, ids_restore, keep, True)
-    assert torch.equal(grad_x.double(), leaves[0].grad)  # a permutation of grad's rows
-    assert grad_mask_token.dtype == torch.float32
-    torch.testing.assert_close(grad_mask_token.double(), leaves[1].grad, rtol=1e-5, atol=1e-5)
-    assert emu.unshuffle_mask_tokens_backward(grad, ids_restore, keep, False)[1].numel() == 0
-
-
 # --- masked_mse_loss ---------------------------------------------------------------------------------------
 
 
@@ -199,13 +176,6 @@ def _opcheck_cases():
     out, lse = torch.ops.mae_fast_emu.visible_attention(*(t.detach() for t in qkv), None, 17, 0.2)
     mask = reference.random_masking(torch.rand(2, 6), 3)[2]
     return {
-        "unshuffle_mask_tokens": (
-            leaf(torch.randn(2, 4, 8)),
-            leaf(torch.randn(8)),
-            torch.argsort(torch.rand(2, 6)),
-            leaf(torch.randn(7, 8)),
-        ),
-        "unshuffle_mask_tokens_backward": (torch.randn(2, 7, 8), torch.argsort(torch.rand(2, 6)), 3, True),
         "masked_mse_loss": (leaf(torch.randn(2, 6, 48)), imgs, mask, 4, True, 1e-6, True),
         "random_masking": (torch.rand(2, 6), 3),
         "visible_attention": (*qkv, None, 17, 0.2),
@@ -217,8 +187,6 @@ def _opcheck_cases():
 @pytest.mark.parametrize(
     "name",
     [
-        "unshuffle_mask_tokens",
-        "unshuffle_mask_tokens_backward",
         "masked_mse_loss",
         "random_masking",
         "visible_attention",
@@ -234,20 +202,7 @@ def test_fakes_and_autograd_registration_agree_with_the_kernels(emu, name):
     torch.library.opcheck(op, args)
 
 
-def test_unshuffle_and_attention_gradients_through_the_autograd_formulas(emu):
-    x, mask_token, pos = (
-        torch.randn(2, 4, 8).requires_grad_(),
-        torch.randn(8).requires_grad_(),
-        torch.randn(7, 8).requires_grad_(),
-    )
-    ids_restore = torch.argsort(torch.rand(2, 6))
-    exact = [t.detach().double().requires_grad_() for t in (x, mask_token, pos)]
-    grad = torch.randn(2, 7, 8)
-    emu.unshuffle_mask_tokens(x, mask_token, ids_restore, pos).backward(grad)
-    reference.unshuffle_mask_tokens(exact[0], exact[1], ids_restore, exact[2]).backward(grad.double())
-    for name, mine, ex in zip(("x", "mask_token", "pos_embed"), (x, mask_token, pos), exact, strict=True):
-        _assert_close(mine.grad, ex.grad, torch.float32, f"grad {name}")
-
+def test_attention_gradients_through_the_autograd_formula(emu):
     q, k, v = (torch.randn(1, 9, 2, 64).to(torch.bfloat16).requires_grad_() for _ in range(3))
     out, _ = emu.visible_attention(q, k, v, None, 9, 0.125)
     grad = torch.randn_like(out)

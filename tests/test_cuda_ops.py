@@ -29,7 +29,6 @@ from mae_fast import _extension, dispatch, reference
 from mae_fast.ops import (
     masked_mse_loss,
     random_masking,
-    unshuffle_mask_tokens,
     visible_attention,
 )
 
@@ -68,55 +67,6 @@ def _randn(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 # --- unshuffle_mask_tokens -----------------------------------------------------------------------------
-
-
-# (B, K, L, D); the last four are the grid of tests/test_triton_gather_ops.py (K = L and K = 1 included)
-UNSHUFFLE_SHAPES = [
-    (2, 4, 16, 32),
-    (3, 13, 49, 64),
-    (2, 7, 20, 36),
-    (1, 50, 196, 512),
-    (1, 1, 1, 16),
-    (2, 1, 7, 24),
-    (3, 21, 21, 40),
-    (2, 9, 37, 160),
-]
-
-
-@pytest.mark.parametrize("shape", UNSHUFFLE_SHAPES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("with_pos", [True, False])
-def test_unshuffle_mask_tokens_forward_backward(shape, dtype, with_pos):
-    b, k, length, dim = shape
-    ids_restore = torch.argsort(torch.argsort(torch.rand(b, length, device="cuda"), dim=1), dim=1)
-    x = _leaf(_randn(b, k + 1, dim, dtype=dtype))
-    mask_token = _leaf(torch.randn(1, 1, dim, device="cuda"))
-    pos = _leaf(torch.randn(1, length + 1, dim, device="cuda")) if with_pos else None
-    out = unshuffle_mask_tokens(x, mask_token, ids_restore, pos, backend="cuda")
-    x_ref = _leaf(x)
-    expected = reference.unshuffle_mask_tokens(
-        x_ref, mask_token.detach(), ids_restore, None if pos is None else pos.detach()
-    )
-    assert torch.equal(out, expected)  # same casts, one rounding per element
-    grad = _randn(*out.shape, dtype=out.dtype)
-    out.backward(grad)
-    expected.backward(grad)
-    assert torch.equal(x.grad, x_ref.grad)
-    masked = (ids_restore >= k).unsqueeze(-1).double()
-    exact_mask_grad = (grad[:, 1:].double() * masked).sum((0, 1)).reshape(1, 1, dim)
-    tol = TOL[dtype] * 4
-    torch.testing.assert_close(mask_token.grad.double(), exact_mask_grad, rtol=tol, atol=tol * (b * length) ** 0.5)
-    if with_pos:
-        exact_pos_grad = grad.double().sum(0, keepdim=True)
-        torch.testing.assert_close(pos.grad.double(), exact_pos_grad, rtol=tol, atol=tol * b**0.5)
-    if dispatch.explain("unshuffle_mask_tokens", x, mask_token, ids_restore, pos)["triton"] is None:
-        triton = unshuffle_mask_tokens(x, mask_token, ids_restore, pos, backend="triton")
-        if dtype == torch.float32 or pos is None:
-            assert torch.equal(out.detach(), triton.detach())
-        else:  # Triton adds the fp32 mask token and table before its one rounding; here they are cast first
-            terms = [x.detach().abs().max(), mask_token.detach().abs().max(), pos.detach().abs().max()]
-            atol = 2 * TOL[dtype] * max(t.item() for t in terms)
-            torch.testing.assert_close(out.detach().double(), triton.detach().double(), rtol=0, atol=atol)
 
 
 # --- masked_mse_loss -----------------------------------------------------------------------------------
