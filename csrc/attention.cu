@@ -13,7 +13,9 @@
 // the gradients several times less accurate than the same computation in PyTorch at that precision).
 //
 // Layouts: q/k/v are [B, N, H, d] (any strides with a unit last stride, multiples of 8 elements) or
-// packed [T, H, d] with int32 cu_seqlens [S+1]; out/dq/dk/dv are contiguous [T, H, d]; lse is [H, T] fp32.
+// packed [T, H, d] with int32 cu_seqlens [S+1]; out/dq/dk/dv are [T, H, d] with unit head and value strides
+// and a row (token) pitch of H * d (contiguous) or, for the qkv layout, 3 * H * d (dq, dk, dv written
+// straight into their slices of one [T, 3, H, d] dqkv buffer); lse is [H, T] fp32.
 #include "dispatch.h"
 #include "ops.h"
 
@@ -22,7 +24,9 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <vector>
 
 namespace mae_fast {
 namespace {
@@ -46,6 +50,7 @@ struct AttentionShape {
   int padded;             // max sequence length rounded up to 16: the shared-memory capacity
   int strip;              // M: rows of the walking operand per step
   int heads;
+  int out_pitch;          // elements between tokens of out / dq / dk / dv: H * d, or 3 * H * d into dqkv
   int64_t total_tokens;   // T = B * N or cu_seqlens[-1]
   float scale;
 };
@@ -162,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(RowView q, 
   const int h = blockIdx.y;
   const Sequence seq = sequence_of(a, s);
   const int n = seq.len;
-  const int64_t out_stride = static_cast<int64_t>(a.heads) * D;
+  const int64_t out_stride = static_cast<int64_t>(a.out_pitch);
   T* out_base = out + seq.token0 * out_stride + h * D;
   if (n <= 0) return;
   if (n > a.padded) {
@@ -231,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dkdv_kernel(RowVi
   const int h = blockIdx.y;
   const Sequence seq = sequence_of(a, s);
   const int n = seq.len;
-  const int64_t out_stride = static_cast<int64_t>(a.heads) * D;
+  const int64_t out_stride = static_cast<int64_t>(a.out_pitch);
   T* dk_base = dk + seq.token0 * out_stride + h * D;
   T* dv_base = dv + seq.token0 * out_stride + h * D;
   if (n <= 0) return;
@@ -298,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(RowView
   const int h = blockIdx.y;
   const Sequence seq = sequence_of(a, s);
   const int n = seq.len;
-  const int64_t out_stride = static_cast<int64_t>(a.heads) * D;
+  const int64_t out_stride = static_cast<int64_t>(a.out_pitch);
   T* dq_base = dq + seq.token0 * out_stride + h * D;
   if (n <= 0) return;
   if (n > a.padded) {
@@ -485,6 +490,7 @@ AttentionShape shape_of(const Checked& c, const std::optional<at::Tensor>& cu_se
   a.strip = strip;
   a.heads = static_cast<int>(c.heads);
   a.total_tokens = c.total_tokens;
+  a.out_pitch = static_cast<int>(c.heads * c.head_dim);
   a.scale = static_cast<float>(scale);
   return a;
 }
@@ -529,10 +535,13 @@ std::tuple<at::Tensor, at::Tensor> visible_attention_forward_cuda(const at::Tens
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& /*out*/, const at::Tensor& lse_in, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t max_seqlen, double scale) {
+namespace {
+
+// The backward of (q, k, v) views into dq, dk, dv: three [T, H, d] buffers, or the slices of one dqkv buffer
+// (pitch 3 * H * d); returns nothing, writes through the pointers.
+void attention_backward(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                        const at::Tensor& v_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& cu_seqlens,
+                        int64_t max_seqlen, double scale, void* dq, void* dk, void* dv, int64_t out_pitch) {
   const Checked c = check_inputs(q_in, k_in, v_in, cu_seqlens, max_seqlen);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && grad_out_in.scalar_type() == q_in.scalar_type() &&
                   grad_out_in.device() == q_in.device(),
@@ -542,23 +551,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
                   lse_in.scalar_type() == at::kFloat && lse_in.device() == q_in.device(),
               "lse must be fp32 [H, T] = [", c.heads, ", ", c.total_tokens, "], got ", lse_in.sizes(), " ",
               lse_in.scalar_type());
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  if (c.num_seqs == 0 || c.total_tokens == 0) return;
   const at::Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
   const at::Tensor grad_out = readable(grad_out_in.contiguous());  // contiguous and 16-byte aligned
   const at::Tensor lse = lse_in.contiguous();
-  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor dq = at::empty(q.sizes(), contiguous);
-  at::Tensor dk = at::empty(q.sizes(), contiguous);
-  at::Tensor dv = at::empty(q.sizes(), contiguous);
-  if (c.num_seqs == 0 || c.total_tokens == 0) return {dq, dk, dv};
   const int d = static_cast<int>(c.head_dim);
   const int limit = max_shared_memory(q);
   const int strip_kv = choose_strip(dkdv_smem, c.padded, d, limit, "backward (dk, dv)");
   const int strip_q = choose_strip(dq_smem, c.padded, d, limit, "backward (dq)");
   const size_t smem_kv = dkdv_smem(c.padded, d, strip_kv), smem_q = dq_smem(c.padded, d, strip_q);
   const int64_t fixed_len = c.packed ? 0 : q.size(1);
-  const AttentionShape a_kv = shape_of(c, cu_seqlens, fixed_len, strip_kv, scale);
-  const AttentionShape a_q = shape_of(c, cu_seqlens, fixed_len, strip_q, scale);
+  AttentionShape a_kv = shape_of(c, cu_seqlens, fixed_len, strip_kv, scale);
+  AttentionShape a_q = shape_of(c, cu_seqlens, fixed_len, strip_q, scale);
+  TORCH_CHECK(out_pitch <= 0x7fffffff, "attention output rows of ", out_pitch, " elements are too wide");
+  a_kv.out_pitch = a_q.out_pitch = static_cast<int>(out_pitch);
   at::Tensor delta = at::empty({c.heads, c.total_tokens}, q.options().dtype(at::kFloat));  // written by the dQ kernel
   const dim3 grid(static_cast<unsigned>(c.num_seqs), static_cast<unsigned>(c.heads));
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -572,19 +578,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
       allow_shared_memory(q_kernel, smem_q);
       q_kernel<<<grid, kThreads, smem_q, stream>>>(view_of(q, c.packed), view_of(k, c.packed), view_of(v, c.packed),
                                                    grad_view, lse.const_data_ptr<float>(),
-                                                   delta.mutable_data_ptr<float>(),
-                                                   reinterpret_cast<T*>(dq.mutable_data_ptr<scalar_t>()), a_q);
+                                                   delta.mutable_data_ptr<float>(), static_cast<T*>(dq), a_q);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       auto kv_kernel = attention_backward_dkdv_kernel<T, kHeadDim>;
       allow_shared_memory(kv_kernel, smem_kv);
-      kv_kernel<<<grid, kThreads, smem_kv, stream>>>(
-          view_of(q, c.packed), view_of(k, c.packed), view_of(v, c.packed), grad_view, lse.const_data_ptr<float>(),
-          delta.const_data_ptr<float>(), reinterpret_cast<T*>(dk.mutable_data_ptr<scalar_t>()),
-          reinterpret_cast<T*>(dv.mutable_data_ptr<scalar_t>()), a_kv);
+      kv_kernel<<<grid, kThreads, smem_kv, stream>>>(view_of(q, c.packed), view_of(k, c.packed), view_of(v, c.packed),
+                                                     grad_view, lse.const_data_ptr<float>(),
+                                                     delta.const_data_ptr<float>(), static_cast<T*>(dk),
+                                                     static_cast<T*>(dv), a_kv);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+// q, k, v views [B, N, H, d] or [T, H, d] of qkv [B, N, 3*H*d] or [T, 3*H*d] ((3, H, d) order): no copy.
+std::array<at::Tensor, 3> split_qkv(const at::Tensor& qkv, int64_t num_heads) {
+  TORCH_CHECK(num_heads >= 1 && qkv.size(-1) % (3 * num_heads) == 0, "qkv last dim ", qkv.size(-1),
+              " is not 3 * num_heads * head_dim with num_heads=", num_heads);
+  std::vector<int64_t> shape(qkv.sizes().begin(), qkv.sizes().end() - 1);
+  shape.insert(shape.end(), {3, num_heads, qkv.size(-1) / (3 * num_heads)});
+  const at::Tensor heads = qkv.view(shape);
+  const int64_t which = heads.dim() - 3;
+  return {heads.select(which, 0), heads.select(which, 1), heads.select(which, 2)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& /*out*/, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens,
+    int64_t max_seqlen, double scale) {
+  MAE_FAST_CHECK_CUDA(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q.sizes(), contiguous);
+  at::Tensor dk = at::empty(q.sizes(), contiguous);
+  at::Tensor dv = at::empty(q.sizes(), contiguous);
+  attention_backward(grad_out, q, k, v, lse, cu_seqlens, max_seqlen, scale, dq.data_ptr(), dk.data_ptr(),
+                     dv.data_ptr(), q.size(-2) * q.size(-1));
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> qkv_attention_forward_cuda(const at::Tensor& qkv, int64_t num_heads,
+                                                              const std::optional<at::Tensor>& cu_seqlens,
+                                                              int64_t max_seqlen, double scale) {
+  MAE_FAST_CHECK_CUDA(qkv, "qkv");
+  TORCH_CHECK(qkv.dim() == (cu_seqlens.has_value() ? 2 : 3), "qkv must be [B, N, 3*H*d], or packed [T, 3*H*d] with "
+              "cu_seqlens, got ", qkv.sizes());
+  const auto [q, k, v] = split_qkv(readable(qkv), num_heads);
+  auto [out, lse] = visible_attention_forward_cuda(q, k, v, cu_seqlens, max_seqlen, scale);
+  return {out.flatten(-2), lse};  // contiguous [..., H, d]: a view [..., H*d]
+}
+
+at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv_in, const at::Tensor& /*out*/,
+                                       const at::Tensor& lse, int64_t num_heads,
+                                       const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                       double scale) {
+  MAE_FAST_CHECK_CUDA(qkv_in, "qkv");
+  const c10::cuda::CUDAGuard guard(qkv_in.device());
+  const at::Tensor qkv = readable(qkv_in);
+  const auto [q, k, v] = split_qkv(qkv, num_heads);
+  TORCH_CHECK(grad_out.dim() == qkv.dim() && grad_out.size(-1) * 3 == qkv.size(-1), "grad_out must be [..., H*d] for "
+              "qkv ", qkv.sizes(), ", got ", grad_out.sizes());
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t width = q.size(-2) * q.size(-1);  // H * d: the offset of dk and of dv in a dqkv row
+  char* base = static_cast<char*>(dqkv.data_ptr());
+  const int64_t step = width * static_cast<int64_t>(dqkv.element_size());
+  attention_backward(grad_out.unflatten(-1, {q.size(-2), q.size(-1)}), q, k, v, lse, cu_seqlens, max_seqlen, scale,
+                     base, base + step, base + 2 * step, 3 * width);
+  return dqkv;
 }
 
 }  // namespace mae_fast

@@ -19,6 +19,8 @@ TORCH_LIBRARY_IMPL(mae_fast, CUDA, m) {
   m.impl("random_masking", &mae_fast::random_masking_cuda);
   m.impl("visible_attention", &mae_fast::visible_attention_forward_cuda);
   m.impl("visible_attention_backward", &mae_fast::visible_attention_backward_cuda);
+  m.impl("qkv_attention", &mae_fast::qkv_attention_forward_cuda);
+  m.impl("qkv_attention_backward", &mae_fast::qkv_attention_backward_cuda);
 }
 
 // Importing the module registers the ops above. The one Python function is a host-side query the

@@ -224,9 +224,10 @@ def test_attention_support_reasons(fake):
         (300, 4, 32), cu=torch.tensor([0, 20, 300], dtype=torch.int32), max_seqlen=280
     )
     assert support((300, 4, 32), cu=torch.tensor([0, 150, 300], dtype=torch.int32), max_seqlen=150) is None
-    assert _cuda_reason("qkv_attention", torch.empty(2, 5, 96, device="cuda"), 1, None, 5, 0.2) == (
-        "not implemented for this op"
-    )
+    qkv = torch.empty(2, 5, 3 * 2 * 32, dtype=torch.bfloat16, device="cuda")
+    assert _cuda_reason("qkv_attention", qkv, 2, None, 5, 0.2) is None
+    assert "head_dim is 16" in _cuda_reason("qkv_attention", qkv, 4, None, 5, 0.2)
+    assert "float32" in _cuda_reason("qkv_attention", qkv.float(), 2, None, 5, 0.2)
 
 
 def test_other_support_reasons(fake):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import torch
@@ -192,40 +193,44 @@ class MaskedAutoencoderViT(nn.Module):
 
     # --- per-sample mask ratios: the encoder on packed variable-length sequences ------------------------
 
-    def _kept_per_sample(self, mask_ratio: torch.Tensor, batch: int) -> list[int]:
-        """K_b = int(L * (1 - mask_ratio[b])) for a float tensor [B] of ratios in [0, 1) (read on the host)."""
+    def _kept_per_sample(self, mask_ratio: torch.Tensor, batch: int) -> tuple[list[int], float]:
+        """(K_b = int(L * (1 - mask_ratio[b])), the smallest ratio) for a float tensor [B] of ratios in [0, 1),
+        read on the host once."""
         if mask_ratio.dim() != 1 or mask_ratio.shape[0] != batch or not mask_ratio.is_floating_point():
             raise ValueError(
                 f"a tensor mask_ratio must be a float tensor of shape [{batch}] (one ratio per image), "
                 f"got shape {tuple(mask_ratio.shape)} {mask_ratio.dtype}"
             )
         kept = []
-        for ratio in mask_ratio.tolist():
+        ratios = mask_ratio.tolist()
+        for ratio in ratios:
             _validate.mask_ratio(ratio)
             kept.append(reference.num_kept(self.num_patches, ratio))
             if kept[-1] < 1:
                 raise ValueError(f"mask_ratio={ratio} keeps no patch of {self.num_patches}")
-        return kept
+        return kept, min(ratios)
 
     def _forward_per_sample(
         self, imgs: torch.Tensor, mask_ratio: torch.Tensor, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self._check_images(imgs)
         batch, device = imgs.shape[0], imgs.device
-        kept = self._kept_per_sample(mask_ratio, batch)
+        kept, smallest_ratio = self._kept_per_sample(mask_ratio, batch)
         most = max(kept)
         # One shuffle for the whole batch (the same ids as masking each image alone); image b keeps the
         # first K_b patches of its shuffle, so the patches are embedded for the longest K and the extra
         # rows dropped when packing.
         ids_keep, ids_restore, _ = ops.random_masking(
-            batch, self.num_patches, float(mask_ratio.min()), noise=noise, device=device, backend=self.backend
+            batch, self.num_patches, smallest_ratio, noise=noise, device=device, backend=self.backend
         )
         kept_t = torch.tensor(kept, device=device)
         mask = (ids_restore >= kept_t[:, None]).float()
 
-        lengths = torch.tensor(kept) + 1  # cls + kept tokens, on the host
-        rows = (torch.arange(most + 1) < lengths[:, None]).flatten().nonzero().squeeze(1).to(device)
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+        # Which rows of the [B, most + 1] token grid are real (cls + kept tokens), and the sequence offsets: plain
+        # Python on the host, so no device sync and nothing data-dependent for a trace.
+        rows = torch.tensor([b * (most + 1) + t for b, k in enumerate(kept) for t in range(k + 1)], device=device)
+        cu_seqlens = torch.tensor(list(itertools.accumulate((k + 1 for k in kept), initial=0)), device=device)
+        cu_seqlens = cu_seqlens.to(torch.int32)
 
         x = self.patch_embed(imgs, ids_keep, self.pos_embed[:, 1:])
         cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(batch, -1, -1)

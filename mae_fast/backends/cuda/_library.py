@@ -27,6 +27,8 @@ COMPILED = (
     "random_masking",
     "visible_attention",
     "visible_attention_backward",
+    "qkv_attention",
+    "qkv_attention_backward",
 )
 #: The kernels keep an inverse index per image in shared memory, and launch one grid row per image.
 SCATTER_LIMITS = {"patches": 4096, "kept": 4096, "batch": 65535}

@@ -1,7 +1,8 @@
-"""visible_attention on the WMMA kernels of csrc/attention.cu (sequences of up to 256 tokens in shared memory).
+"""visible_attention and qkv_attention on the WMMA kernels of csrc/attention.cu (sequences of up to 256 tokens
+in shared memory).
 
-qkv_attention has no CUDA implementation yet: the model's route (nn.Attention -> qkv_attention) runs the
-Triton kernel on a GPU.
+qkv_attention is the model's route (nn.Attention): the kernels read q, k and v through strides of the qkv
+Linear output and the backward writes dq, dk and dv into their slices of one dqkv buffer (no copies).
 """
 
 from __future__ import annotations
@@ -38,23 +39,40 @@ def shared_memory_reason(length: int, head_dim: int, device_bytes: int) -> str |
     return None
 
 
-def _fits_the_device(q, k, v, cu_seqlens, max_seqlen, scale) -> str | None:
-    limits = _extension.device_limits(q.device)
-    return None if limits is None else shared_memory_reason(max_seqlen, q.shape[-1], limits.shared_memory_per_block)
+def _fits_the_device(tensor: torch.Tensor, max_seqlen: int, head_dim: int) -> str | None:
+    limits = _extension.device_limits(tensor.device)
+    return None if limits is None else shared_memory_reason(max_seqlen, head_dim, limits.shared_memory_per_block)
 
 
-SUPPORT = support(
-    "the CUDA attention kernel",
-    dtypes=(torch.float16, torch.bfloat16),
-    allowed={"head_dim": HEAD_DIMS},
-    maximum={"max_seqlen": MAX_SEQLEN, "heads": MAX_HEADS},
-    min_capability=(8, 0),
-    extra=_fits_the_device,
-)
+def _visible_fits(q, k, v, cu_seqlens, max_seqlen, scale) -> str | None:
+    return _fits_the_device(q, max_seqlen, q.shape[-1])
 
 
-@dispatch.register("visible_attention", "cuda", SUPPORT)
+def _qkv_fits(qkv, num_heads, cu_seqlens, max_seqlen, scale) -> str | None:
+    return _fits_the_device(qkv, max_seqlen, qkv.shape[-1] // (3 * num_heads))
+
+
+def _support(extra) -> dispatch.Support:
+    return support(
+        "the CUDA attention kernel",
+        dtypes=(torch.float16, torch.bfloat16),
+        allowed={"head_dim": HEAD_DIMS},
+        maximum={"max_seqlen": MAX_SEQLEN, "heads": MAX_HEADS},
+        min_capability=(8, 0),
+        extra=extra,
+    )
+
+
+def _contiguous_offsets(cu_seqlens: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels index cu_seqlens through its data pointer without strides."""
+    return None if cu_seqlens is None else cu_seqlens.contiguous()
+
+
+@dispatch.register("visible_attention", "cuda", _support(_visible_fits))
 def _visible_attention(q, k, v, cu_seqlens, max_seqlen, scale):
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.contiguous()  # the kernels index its data pointer without strides
-    return OPS.visible_attention(q, k, v, cu_seqlens, max(max_seqlen, 1), scale)[0]
+    return OPS.visible_attention(q, k, v, _contiguous_offsets(cu_seqlens), max(max_seqlen, 1), scale)[0]
+
+
+@dispatch.register("qkv_attention", "cuda", _support(_qkv_fits))
+def _qkv_attention(qkv, num_heads, cu_seqlens, max_seqlen, scale):
+    return OPS.qkv_attention(qkv, num_heads, _contiguous_offsets(cu_seqlens), max(max_seqlen, 1), scale)[0]
