@@ -15,7 +15,6 @@ import torch
 from cuda_cases import (
     FLOAT_DTYPES,
     HALF_DTYPES,
-    LOSS_SHAPES,
     TOL,
     check_close_to_fp32,
     low_precision_attention,
@@ -56,28 +55,6 @@ def _assert_close(mine: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, w
 
 
 # --- masked_mse_loss ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", LOSS_SHAPES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("norm_pix", [True, False], ids=["norm_pix", "raw_pix"])
-def test_masked_mse_loss_and_its_gradient(emu, shape, dtype, norm_pix):
-    b, c, h, w, p = shape
-    length = (h // p) * (w // p)
-    imgs = torch.rand(b, c, h, w) * 4 + 1  # a mean far from 0 tests the variance numerics
-    pred = torch.randn(b, length, p * p * c).to(dtype)
-    mask = reference.random_masking(torch.rand(b, length), max(1, length // 4))[2]
-    loss, grad, mask_sum = emu.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6, True)
-    assert mask_sum.shape == () and mask_sum.item() == mask.sum().item()
-    assert emu.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6, False)[1].shape == (0,)
-    leaf = pred.double().requires_grad_()
-    exact = reference.masked_mse_loss(leaf, imgs.double(), mask, p, norm_pix)
-    exact.backward()
-    assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == dtype
-    torch.testing.assert_close(loss.double(), exact.detach(), rtol=1e-5, atol=1e-6)
-    _assert_close(grad, leaf.grad, dtype, "grad_pred")
-    again = emu.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6, True)[0]
-    assert torch.equal(again, loss), "the loss must be bitwise reproducible"
 
 
 # --- random_masking -------------------------------------------------------------------------------------
@@ -168,15 +145,12 @@ def test_visible_attention_is_deterministic(emu):
 
 
 def _opcheck_cases():
-    imgs = torch.randn(2, 3, 8, 12)
     leaf = lambda t: t.requires_grad_()  # noqa: E731
     qkv = [leaf(torch.randn(2, 17, 2, 32).to(torch.bfloat16)) for _ in range(3)]
     packed = [leaf(torch.randn(20, 2, 32).to(torch.bfloat16)) for _ in range(3)]
     cu = torch.tensor([0, 5, 5, 20], dtype=torch.int32)
     out, lse = torch.ops.mae_fast_emu.visible_attention(*(t.detach() for t in qkv), None, 17, 0.2)
-    mask = reference.random_masking(torch.rand(2, 6), 3)[2]
     return {
-        "masked_mse_loss": (leaf(torch.randn(2, 6, 48)), imgs, mask, 4, True, 1e-6, True),
         "random_masking": (torch.rand(2, 6), 3),
         "visible_attention": (*qkv, None, 17, 0.2),
         "visible_attention_packed": (*packed, cu, 15, 0.2),
@@ -187,7 +161,6 @@ def _opcheck_cases():
 @pytest.mark.parametrize(
     "name",
     [
-        "masked_mse_loss",
         "random_masking",
         "visible_attention",
         "visible_attention_packed",

@@ -19,15 +19,12 @@ import torch.nn.functional as F
 from cuda_cases import (
     FLOAT_DTYPES,
     HALF_DTYPES,
-    LOSS_SHAPES,
-    TOL,
     check_close_to_fp32,
     low_precision_attention,
 )
 
 from mae_fast import _extension, dispatch, reference
 from mae_fast.ops import (
-    masked_mse_loss,
     random_masking,
     visible_attention,
 )
@@ -70,33 +67,6 @@ def _randn(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 # --- masked_mse_loss -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", LOSS_SHAPES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("norm_pix", [True, False])
-def test_masked_mse_loss_forward_backward(shape, dtype, norm_pix):
-    b, c, h, w, p = shape
-    length = (h // p) * (w // p)
-    imgs = torch.rand(b, c, h, w, device="cuda") * 4 + 1  # a mean far from 0 tests the variance numerics
-    pred = _randn(b, length, p * p * c, dtype=dtype)
-    ratio = 0.75 if length >= 4 else 0.5  # 0.75 keeps int(2 * 0.25) = 0 of 2 patches: random_masking refuses it
-    mask = random_masking(b, length, ratio, device="cuda", backend="reference")[2]
-    leaf = _leaf(pred)
-    loss = masked_mse_loss(leaf, imgs, mask, p, norm_pix, backend="cuda")
-    assert loss.dtype == torch.float32 and loss.shape == ()
-    ref_leaf = _leaf(pred.double())
-    expected = reference.masked_mse_loss(ref_leaf, imgs.double(), mask, p, norm_pix)
-    torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)
-    (loss * 3).backward()
-    (expected * 3).backward()
-    scale = ref_leaf.grad.abs().max().item()
-    torch.testing.assert_close(leaf.grad.double() / scale, ref_leaf.grad / scale, rtol=TOL[dtype], atol=TOL[dtype])
-    again = masked_mse_loss(pred, imgs, mask, p, norm_pix, backend="cuda")
-    assert torch.equal(again, loss.detach()), "the loss must be bitwise reproducible"
-    if dispatch.explain("masked_mse_loss", pred, imgs, mask, p, norm_pix, 1e-6)["triton"] is None:
-        triton = masked_mse_loss(pred, imgs, mask, p, norm_pix, backend="triton")
-        torch.testing.assert_close(loss.detach(), triton, rtol=1e-4, atol=1e-6)
 
 
 # --- random_masking ------------------------------------------------------------------------------------
@@ -218,24 +188,14 @@ def test_auto_uses_cuda_for_short_sequences_and_falls_back_for_long_ones():
 
 
 def test_ops_compile_without_graph_breaks():
-    def step(pred, imgs, mask, q):
-        loss = torch.ops.mae_fast.masked_mse_loss(pred, imgs, mask, 8, True, 1e-6, True)[0]
-        out = torch.ops.mae_fast.visible_attention(q, q, q, None, q.shape[1], 0.125)[0]
-        return loss + out.float().square().mean()
+    def step(q):
+        return torch.ops.mae_fast.visible_attention(q, q, q, None, q.shape[1], 0.125)[0].float().square().mean()
 
-    args = (
-        torch.randn(2, 16, 192, device="cuda", requires_grad=True),
-        torch.randn(2, 3, 32, 32, device="cuda"),
-        torch.ones(2, 16, device="cuda"),
-        torch.randn(2, 50, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True),
-    )
+    q = torch.randn(2, 50, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     compiled = torch.compile(step, fullgraph=True)
-    got, expected = compiled(*args), step(*args)
+    got, expected = compiled(q), step(q)
     torch.testing.assert_close(got, expected)
-    grads = torch.autograd.grad(got, (args[0], args[3]))
-    expected_grads = torch.autograd.grad(expected, (args[0], args[3]))
-    for mine, theirs in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(mine, theirs)
+    torch.testing.assert_close(torch.autograd.grad(got, q)[0], torch.autograd.grad(expected, q)[0])
 
 
 # --- compute-sanitizer ---------------------------------------------------------------------------------
