@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cuda_cases import (
-    FLOAT_DTYPES,
     HALF_DTYPES,
     check_close_to_fp32,
     low_precision_attention,
@@ -25,7 +24,6 @@ from cuda_cases import (
 
 from mae_fast import _extension, dispatch, reference
 from mae_fast.ops import (
-    random_masking,
     visible_attention,
 )
 
@@ -70,30 +68,6 @@ def _randn(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 # --- random_masking ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("length", [1, 4, 9, 17, 33, 49, 50, 196, 256, 300, 1000, 1024])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_random_masking_equals_stable_argsort(length, dtype):
-    noise = torch.rand(5, length, device="cuda").to(dtype)
-    noise[0, : length // 2] = 0.5  # ties go to the lower index
-    noise[1, ::3] = -0.0
-    noise[2, ::2] = 0.0
-    if length > 2:
-        noise[3, 1] = float("nan")
-        noise[3, 2] = float("inf")
-    for ratio in (0.0, 0.75, 0.9):
-        keep = reference.num_kept(length, ratio)
-        if keep < 1:
-            continue
-        got = random_masking(5, length, ratio, noise=noise, backend="cuda")
-        expected = reference.random_masking(noise, keep)
-        for mine, theirs in zip(got, expected, strict=True):
-            assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
-        if dispatch.explain("random_masking", noise, keep)["triton"] is None:
-            triton = random_masking(5, length, ratio, noise=noise, backend="triton")
-            for mine, theirs in zip(got, triton, strict=True):
-                assert torch.equal(mine, theirs)
 
 
 # --- visible_attention ---------------------------------------------------------------------------------
