@@ -605,9 +605,8 @@ std::array<at::Tensor, 3> split_qkv(const at::Tensor& qkv, int64_t num_heads) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& /*out*/, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t max_seqlen, double scale) {
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale) {
   MAE_FAST_CHECK_CUDA(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
@@ -630,8 +629,8 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention_forward_cuda(const at::Tensor& 
   return {out.flatten(-2), lse};  // contiguous [..., H, d]: a view [..., H*d]
 }
 
-at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv_in, const at::Tensor& /*out*/,
-                                       const at::Tensor& lse, int64_t num_heads,
+at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv_in, const at::Tensor& lse,
+                                       int64_t num_heads,
                                        const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
                                        double scale) {
   MAE_FAST_CHECK_CUDA(qkv_in, "qkv");

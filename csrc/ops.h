@@ -49,19 +49,18 @@ std::tuple<at::Tensor, at::Tensor> visible_attention_forward_cuda(const at::Tens
                                                                   const at::Tensor& v,
                                                                   const std::optional<at::Tensor>& cu_seqlens,
                                                                   int64_t max_seqlen, double scale);
-// -> (dq, dk, dv), contiguous, q's shape. ``out`` is part of the primitive's schema (the Triton backward
-// reads it); these kernels compute D = rowsum(P * dP) in fp32 instead and do not read it.
+// -> (dq, dk, dv), contiguous, q's shape.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> visible_attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale);
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale);
 // The same kernels on the qkv Linear output [B, N, 3*H*d] or packed [T, 3*H*d] ((3, H, d) order), read through
 // strides (no copy) -> (out [..., H*d] contiguous, lse [H, T] fp32).
 std::tuple<at::Tensor, at::Tensor> qkv_attention_forward_cuda(const at::Tensor& qkv, int64_t num_heads,
                                                               const std::optional<at::Tensor>& cu_seqlens,
                                                               int64_t max_seqlen, double scale);
 // -> dqkv, qkv's shape, contiguous: dq, dk and dv written straight into their slices of each row.
-at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
-                                       const at::Tensor& lse, int64_t num_heads,
+at::Tensor qkv_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse,
+                                       int64_t num_heads,
                                        const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale);
 // Bytes of shared memory the attention kernels need at least (16-row strips) for this length and head dim.
 int64_t visible_attention_shared_memory(int64_t max_seqlen, int64_t head_dim);

@@ -132,9 +132,9 @@ def _attention_bwd_kv_kernel(
     Q,
     K,
     V,
-    Out,
     DO,
     LSE,
+    DELTA,
     DQ,
     DK,
     DV,
@@ -148,9 +148,6 @@ def _attention_bwd_kv_kernel(
     stride_vb,
     stride_vt,
     stride_vh,
-    stride_ob,
-    stride_ot,
-    stride_oh,
     stride_dob,
     stride_dot,
     stride_doh,
@@ -178,7 +175,11 @@ def _attention_bwd_kv_kernel(
     WRITE_DQ: tl.constexpr,
 ):
     """dk, dv of one key tile, looping over all query tiles; with WRITE_DQ (the tile holds every key of the
-    sequence) also the complete dq of each query tile, so short sequences need one launch and no atomics."""
+    sequence) also the complete dq of each query tile, so short sequences need one launch and no atomics.
+
+    D = rowsum(P * dP) is formed in fp32 from the unrounded P and dP: here when the tile holds every key
+    (WRITE_DQ), else read from DELTA, which the dq kernel wrote first. (rowsum(dO * O), the usual shortcut,
+    reads O rounded to 16 bits: an error in dS that does not shrink with P.)"""
     pid_n = tl.program_id(1)
     b, h, start, n = _this_sequence(CU_SEQLENS, seqlen, num_heads, VARLEN)
     if pid_n * BLOCK_N >= n:
@@ -204,9 +205,9 @@ def _attention_bwd_kv_kernel(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     q_base = Q + b * stride_qb + start * stride_qt + h * stride_qh
-    o_base = Out + b * stride_ob + start * stride_ot + h * stride_oh
     do_base = DO + b * stride_dob + start * stride_dot + h * stride_doh
     lse_base = LSE + b * stride_lb + h * stride_lh + start
+    delta_base = DELTA + b * stride_lb + h * stride_lh + start
     dq_base = DQ + b * stride_dqb + start * stride_dqt + h * stride_dqh
     qk_scale = scale * 1.4426950408889634
 
@@ -218,17 +219,19 @@ def _attention_bwd_kv_kernel(
         mask_md = mask_m[:, None] & mask_d[None, :]
         q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=mask_md, other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=mask_md, other=0.0)
-        o = tl.load(o_base + rows[:, None] * stride_ot + offs_d[None, :], mask=mask_md, other=0.0)
         lse = tl.load(lse_base + rows, mask=mask_m, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O) = rowsum(P * dP)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if WRITE_DQ:
+            delta = tl.sum(p * dp, 1)  # every key is in this tile
+        else:
+            delta = tl.load(delta_base + rows, mask=mask_m, other=0.0)
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
         if WRITE_DQ:
@@ -247,9 +250,9 @@ def _attention_bwd_q_kernel(
     Q,
     K,
     V,
-    Out,
     DO,
     LSE,
+    DELTA,
     DQ,
     CU_SEQLENS,
     stride_qb,
@@ -261,9 +264,6 @@ def _attention_bwd_q_kernel(
     stride_vb,
     stride_vt,
     stride_vh,
-    stride_ob,
-    stride_ot,
-    stride_oh,
     stride_dob,
     stride_dot,
     stride_doh,
@@ -283,7 +283,9 @@ def _attention_bwd_q_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dq of one query tile, looping over the key tiles (long sequences only)."""
+    """dq of one query tile, looping over the key tiles twice (long sequences only): first for
+    D = rowsum(P * dP) in fp32 from the unrounded P and dP, which it also writes to DELTA for the dk/dv
+    kernel launched after it, then for dq."""
     pid_m = tl.program_id(1)
     b, h, start, n = _this_sequence(CU_SEQLENS, seqlen, num_heads, VARLEN)
     if pid_m * BLOCK_M >= n:
@@ -305,19 +307,29 @@ def _attention_bwd_q_kernel(
         mask=mask_md,
         other=0.0,
     )
-    o = tl.load(
-        Out + b * stride_ob + (start + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
-        mask=mask_md,
-        other=0.0,
-    )
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + start + offs_m, mask=mask_m, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     k_base = K + b * stride_kb + start * stride_kt + h * stride_kh
     v_base = V + b * stride_vb + start * stride_vt + h * stride_vh
     qk_scale = scale * 1.4426950408889634
+
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, n, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < n
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_nd, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_nd, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + start + offs_m, delta, mask=mask_m)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, n, BLOCK_N):
@@ -417,7 +429,9 @@ def backward_config(max_seqlen: int, head_dim: int) -> BackwardConfig:
         if block_d <= 32:
             return BackwardConfig(16, 64, block_d, False, num_warps=8, num_stages=2, q_block_m=64, q_num_warps=4)
         return BackwardConfig(16, 32, block_d, False, num_warps=4, num_stages=2)
-    return BackwardConfig(16, 32, block_d, False, num_warps=8, num_stages=2)
+    # d > 64: the dq kernel's two passes over the keys (D first, then dq) keep q and dO tiles live across both;
+    # 32-key tiles keep it spill-free under triton 3.6 (64-key tiles spill 256 B there)
+    return BackwardConfig(16, 32, block_d, False, num_warps=8, num_stages=2, q_block_n=32)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -503,7 +517,6 @@ def attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
     lse: torch.Tensor,
     dq: torch.Tensor,
     dk: torch.Tensor,
@@ -529,56 +542,26 @@ def attention_backward(
         num_stages=cfg.num_stages,
     )
     cu = cu_seqlens if varlen else q
+    # D per query row, laid out as lse (written by the dq kernel, read by the dk/dv one); unused single-tile
+    delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=q.device)
     operands = (
         *_strides(q, varlen),
         *_strides(k, varlen),
         *_strides(v, varlen),
-        *_strides(out, varlen),
         *_strides(do, varlen),
         *_lse_strides(lse, varlen),
     )
-    grid = (seqs * heads, triton.cdiv(max_seqlen, cfg.block_n))
-    with device_guard(q):
-        _attention_bwd_kv_kernel[grid](
-            q,
-            k,
-            v,
-            out,
-            do,
-            lse,
-            dq,
-            dk,
-            dv,
-            cu,
-            *operands,
-            *_strides(dq, varlen),
-            *_strides(dk, varlen),
-            *_strides(dv, varlen),
-            seqlen,
-            heads,
-            head_dim,
-            scale,
-            WRITE_DQ=cfg.single_tile,
-            **common,
-        )
     if not cfg.single_tile:
-        common.update(BLOCK_M=cfg.q_block_m, BLOCK_N=cfg.q_block_n, num_warps=cfg.q_num_warps, num_stages=1)
+        q_config = dict(common, BLOCK_M=cfg.q_block_m, BLOCK_N=cfg.q_block_n, num_warps=cfg.q_num_warps, num_stages=1)
         grid = (seqs * heads, triton.cdiv(max_seqlen, cfg.q_block_m))
         with device_guard(q):
             _attention_bwd_q_kernel[grid](
-                q,
-                k,
-                v,
-                out,
-                do,
-                lse,
-                dq,
-                cu,
-                *operands,
-                *_strides(dq, varlen),
-                seqlen,
-                heads,
-                head_dim,
-                scale,
-                **common,
-            )
+                q, k, v, do, lse, delta, dq, cu, *operands, *_strides(dq, varlen), seqlen, heads, head_dim, scale,
+                **q_config,
+            )  # fmt: skip
+    grid = (seqs * heads, triton.cdiv(max_seqlen, cfg.block_n))
+    with device_guard(q):
+        _attention_bwd_kv_kernel[grid](
+            q, k, v, do, lse, delta, dq, dk, dv, cu, *operands, *_strides(dq, varlen), *_strides(dk, varlen),
+            *_strides(dv, varlen), seqlen, heads, head_dim, scale, WRITE_DQ=cfg.single_tile, **common,
+        )  # fmt: skip

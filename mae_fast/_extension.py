@@ -1,9 +1,10 @@
 """Loading of the compiled ``mae_fast._C`` extension (built by setup.py when CUDA is available).
 
-The extension only implements primitives whose schemas Python defines first (see
-:mod:`mae_fast.primitives` and :mod:`mae_fast.backends.cuda`); importing it registers its kernels for the
-CUDA dispatch key. Without it everything still works through the other backends, and
-:func:`unavailable_reason` says why it is missing.
+The extension only implements primitives whose schemas Python defines (see :mod:`mae_fast.primitives` and
+:mod:`mae_fast.backends.cuda`); importing it registers its kernels for the CUDA dispatch key, and the
+schemas are defined after it, so that a build from other sources (a kernel signature that does not match
+its schema) is a Python error the CUDA backend reports, not a crash while the library loads. Without the
+extension everything still works through the other backends, and :func:`unavailable_reason` says why.
 
 :func:`load` runs once, when the CUDA backend is imported, and stores what the backend's checks need
 (whether the extension loaded, the GPUs' limits) in plain module state: the checks then only read it, so
@@ -37,21 +38,16 @@ _state = _State()
 _loaded = False
 
 
-def load(namespace: str, compiled: Iterable[str]) -> None:
-    """Import ``mae_fast._C`` (once); it must implement every primitive of ``compiled`` under ``namespace``."""
+def load() -> None:
+    """Import ``mae_fast._C`` (once) and record the GPUs' limits."""
     global _loaded
     if _loaded:
         return
     _loaded = True
     try:
         from mae_fast import _C
-    except (ImportError, RuntimeError) as error:  # RuntimeError: a C++ signature that does not match its schema
+    except ImportError as error:
         _state.reason = f"mae_fast._C could not be imported: {error}"
-        return
-    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
-    missing = [name for name in compiled if not has_kernel(f"{namespace}::{name}", "CUDA")]
-    if missing:  # a _C built from older sources: unusable rather than half-registered
-        _state.reason = f"mae_fast._C lacks the ops {missing}: it is stale, rebuild it (pip install -e .)"
         return
     for index in range(torch.cuda.device_count()):
         properties = torch.cuda.get_device_properties(index)
@@ -59,6 +55,22 @@ def load(namespace: str, compiled: Iterable[str]) -> None:
         _state.devices[index] = DeviceLimits((properties.major, properties.minor), optin)
     dispatch.record_capabilities({index: limits.capability for index, limits in _state.devices.items()})
     _state.module, _state.reason = _C, None
+
+
+def check_kernels(namespace: str, compiled: Iterable[str]) -> None:
+    """After the schemas are defined: every primitive of ``compiled`` needs a CUDA kernel from the extension, else
+    it is stale (built from older sources) and unusable rather than half-registered."""
+    if _state.module is None:
+        return
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    missing = [name for name in compiled if not has_kernel(f"{namespace}::{name}", "CUDA")]
+    if missing:
+        refuse(f"mae_fast._C lacks the ops {missing}: it is stale, rebuild it (pip install -e .)")
+
+
+def refuse(reason: str) -> None:
+    """Mark the loaded extension unusable, with the reason the backend will give."""
+    _state.module, _state.reason = None, reason
 
 
 def available() -> bool:

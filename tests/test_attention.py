@@ -222,7 +222,7 @@ def test_launch_grids_keep_axes_1_and_2_within_cuda_limit(monkeypatch):
     for n in (50, 300):  # single-tile backward, then the separate dq kernel
         q = torch.empty(4096, n, 16, 64).as_strided((4096, n, 16, 64), (0, 0, 0, 1))
         kernels.attention_forward(q, q, q, q, torch.empty(1, 1, 1), None, n, 0.125)
-        kernels.attention_backward(q, q, q, q, q, torch.empty(1, 1, 1), q, q, q, None, n, 0.125)
+        kernels.attention_backward(q, q, q, q, torch.empty(1, 1, 1), q, q, q, None, n, 0.125)
     assert len(grids) == 5
     assert all(max(grid[1:]) <= 65535 for grid in grids), grids
 

@@ -84,7 +84,7 @@ def _signature(kernel: str, dtype: str) -> dict:
             continue
         if name == "CU_SEQLENS":
             types[name] = "*i32"
-        elif name == "LSE":
+        elif name in ("LSE", "DELTA"):
             types[name] = "*fp32"
         elif name[0].isupper():
             types[name] = "*" + dtype

@@ -9,7 +9,8 @@ Two public ops:
 
 Primitives: ``visible_attention`` / ``visible_attention_backward`` and ``qkv_attention`` /
 ``qkv_attention_backward``. The forward returns the output and the fp32 natural-log lse, [H, T] for both
-layouts (T = B * N when fixed-length); the backward takes both. ``max_seqlen`` is a Python int: pass it for
+layouts (T = B * N when fixed-length); the backward takes the lse, not the output (every backend forms
+D = rowsum(P * dP) in fp32 from the unrounded P and dP). ``max_seqlen`` is a Python int: pass it for
 packed inputs on a GPU, or it is read from cu_seqlens with one device sync.
 """
 
@@ -169,26 +170,26 @@ def _attention_fake(q, k, v, cu_seqlens, max_seqlen, scale):
 
 
 @primitives.define(
-    "visible_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "Tensor? cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)"
+    "visible_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor? cu_seqlens, "
+    "int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)"
 )
-def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+def _attention_backward_fake(grad_out, q, k, v, lse, cu_seqlens, max_seqlen, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _attention_setup(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    _, lse = output
+    ctx.save_for_backward(q, k, v, lse, cu_seqlens)
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
     ctx.mark_non_differentiable(lse)
 
 
 @primitives.formula("visible_attention", _attention_setup)
 def _attention_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    q, k, v, lse, cu_seqlens = ctx.saved_tensors
     grads = ctx.ops.visible_attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale
+        grad_out.contiguous(), q, k, v, lse, cu_seqlens, ctx.max_seqlen, ctx.scale
     )
     return (*grads, None, None, None)
 
@@ -203,25 +204,25 @@ def _qkv_attention_fake(qkv, num_heads, cu_seqlens, max_seqlen, scale):
 
 
 @primitives.define(
-    "qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, Tensor? cu_seqlens, "
+    "qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor lse, int num_heads, Tensor? cu_seqlens, "
     "int max_seqlen, float scale) -> Tensor"
 )
-def _qkv_attention_backward_fake(grad_out, qkv, out, lse, num_heads, cu_seqlens, max_seqlen, scale):
+def _qkv_attention_backward_fake(grad_out, qkv, lse, num_heads, cu_seqlens, max_seqlen, scale):
     return qkv.new_empty(qkv.shape)
 
 
 def _qkv_attention_setup(ctx, inputs, output):
     qkv, num_heads, cu_seqlens, max_seqlen, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+    _, lse = output
+    ctx.save_for_backward(qkv, lse, cu_seqlens)
     ctx.num_heads, ctx.max_seqlen, ctx.scale = num_heads, max_seqlen, scale
     ctx.mark_non_differentiable(lse)
 
 
 @primitives.formula("qkv_attention", _qkv_attention_setup)
 def _qkv_attention_backward(ctx, grad_out, _grad_lse):
-    qkv, out, lse, cu_seqlens = ctx.saved_tensors
+    qkv, lse, cu_seqlens = ctx.saved_tensors
     dqkv = ctx.ops.qkv_attention_backward(
-        grad_out.contiguous(), qkv, out, lse, ctx.num_heads, cu_seqlens, ctx.max_seqlen, ctx.scale
+        grad_out.contiguous(), qkv, lse, ctx.num_heads, cu_seqlens, ctx.max_seqlen, ctx.scale
     )
     return dqkv, None, None, None, None

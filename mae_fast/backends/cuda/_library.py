@@ -2,8 +2,9 @@
 in PyTorch here, availability and the device rule.
 
 :func:`install` defines the primitives under a namespace and registers the PyTorch-written ones for a
-dispatch key: ``("mae_fast", "CUDA")`` for the extension (done here, before ``mae_fast._C`` is imported),
+dispatch key: ``("mae_fast", "CUDA")`` for the extension (done here),
 and ``("mae_fast_emu", "CPU")`` for the tests' CPU emulation of the same kernels.
+The extension is imported before its schemas are defined, so that a stale build is reported, not fatal.
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ def install(namespace: str, dispatch_key: str) -> None:
         library.impl(name, fn, dispatch_key)
 
 
-install(NAMESPACE, "CUDA")
-_extension.load(NAMESPACE, COMPILED)
+_extension.load()  # the extension's kernels register for CUDA first; the schemas come next
+try:
+    install(NAMESPACE, "CUDA")  # the dispatcher checks every C++ kernel signature against its schema here
+except RuntimeError as error:
+    _extension.refuse(f"mae_fast._C does not match this mae_fast (built from other sources? rebuild it): {error}")
+_extension.check_kernels(NAMESPACE, COMPILED)
 OPS = getattr(torch.ops, NAMESPACE)
 
 

@@ -48,14 +48,14 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, scale):
     return out.to(q.dtype), lse
 
 
-def _backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+def _backward(grad_out, q, k, v, lse, cu_seqlens, max_seqlen, scale):
     from mae_fast.kernels import attention as kernels
 
-    q, k, v, out, grad_out = (_unit_stride(t) for t in (q, k, v, out, grad_out))
+    q, k, v, grad_out = (_unit_stride(t) for t in (q, k, v, grad_out))
     stage = _staging_dtype(q.dtype)
     dq, dk, dv = (torch.empty(q.shape, dtype=stage, device=q.device) for _ in range(3))
     lse_view = _lse_view(lse, q, cu_seqlens is not None)
-    kernels.attention_backward(grad_out, q, k, v, out, lse_view, dq, dk, dv, cu_seqlens, max_seqlen, scale)
+    kernels.attention_backward(grad_out, q, k, v, lse_view, dq, dk, dv, cu_seqlens, max_seqlen, scale)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
@@ -69,18 +69,19 @@ def _qkv_forward(qkv, num_heads, cu_seqlens, max_seqlen, scale):
     return out.flatten(-2).to(qkv.dtype), lse
 
 
-def _qkv_backward(grad_out, qkv, out, lse, num_heads, cu_seqlens, max_seqlen, scale):
+def _qkv_backward(grad_out, qkv, lse, num_heads, cu_seqlens, max_seqlen, scale):
     """The gradients of q, k and v are written into their slices of one dqkv buffer (no cat, no copy)."""
     from mae_fast.kernels import attention as kernels
 
-    qkv, out, grad_out = _unit_stride(qkv), _unit_stride(out), _unit_stride(grad_out)
+    qkv, grad_out = _unit_stride(qkv), _unit_stride(grad_out)
     dqkv = torch.empty(qkv.shape, dtype=_staging_dtype(qkv.dtype), device=qkv.device)
     q, k, v = split_qkv(qkv, num_heads)
     dq, dk, dv = split_qkv(dqkv, num_heads)
     heads = q.shape[-2:]
     lse_view = _lse_view(lse, q, cu_seqlens is not None)
-    kernels.attention_backward(grad_out.unflatten(-1, heads), q, k, v, out.unflatten(-1, heads), lse_view, dq, dk, dv,
-                               cu_seqlens, max_seqlen, scale)  # fmt: skip
+    kernels.attention_backward(
+        grad_out.unflatten(-1, heads), q, k, v, lse_view, dq, dk, dv, cu_seqlens, max_seqlen, scale
+    )
     return dqkv.to(qkv.dtype)
 
 
