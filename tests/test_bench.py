@@ -330,3 +330,24 @@ def test_gpu_smoke_run(tmp_path):
     assert all("do_bench" in r["timer"] or "CUDA events" in r["timer"] for r in rows if r["status"] == "ok")
     train = [r for r in rows if r["kind"] == "train_step" and r["status"] == "ok"]
     assert train and all(r["peak_mem_gb"] > 0 and 0 < r["pct_of_matmul"] < 100 for r in train)
+
+
+def test_cpu_step_benchmark_checks_losses_and_writes_ratios(tmp_path, monkeypatch):
+    """benchmarks/cpu_step.py on a tiny size: every provider's first loss agrees, then rows with ratios."""
+    from benchmarks import cpu_step
+
+    tiny = dict(cpu_step.SIZES["demo"], batch=4)
+    tiny["overrides"] = dict(tiny["overrides"], depth=1)
+    monkeypatch.setitem(cpu_step.SIZES, "tiny", tiny)
+    assert (
+        cpu_step.main(["--sizes", "tiny", "--steps", "2", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)])
+        == 0
+    )
+    (path,) = tmp_path.glob("cpu_step_*.json")
+    document = json.loads(path.read_text())
+    assert "GPU claim" in document["environment"]["note"]
+    rows = {row["provider"]: row for row in document["rows"]}
+    assert set(rows) == {"mae_fast", "release", "transformers"}
+    assert all(len(row["samples_ms"]) == 2 and row["median_ms"] > 0 for row in rows.values())
+    best = rows[rows["mae_fast"]["best_peer"]]["median_ms"]
+    assert rows["mae_fast"]["speedup_vs_best_peer"] == pytest.approx(best / rows["mae_fast"]["median_ms"], rel=0.01)
