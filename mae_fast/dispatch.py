@@ -97,6 +97,7 @@ class _Op:
 _ops: dict[str, _Op] = {}
 _global_backend = "auto"
 _capabilities: dict[int, tuple[int, int]] = {}
+_recorders: list[list[tuple[str, str]]] = []
 
 
 def define_op(op: str, inputs: Callable[..., Inputs]) -> None:
@@ -256,9 +257,22 @@ def resolve(op: str, backend: str | None, *args) -> str:
     for name in candidates:
         reasons[name] = _reason(entry, name, inputs, args)
         if reasons[name] is None:
+            for picks in _recorders:
+                picks.append((op, name))
             return name
     detail = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
     raise BackendError(f"{op}: no usable backend for backend={wanted!r} ({detail})")
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[str, str]]]:
+    """Context manager: yields a list that collects (op, backend) for every op resolved inside it."""
+    picks: list[tuple[str, str]] = []
+    _recorders.append(picks)
+    try:
+        yield picks
+    finally:
+        _recorders.remove(picks)
 
 
 def dispatch(op: str, *args, backend: str | None = None):

@@ -44,6 +44,28 @@ def _sample_inputs(device: torch.device) -> dict[str, tuple]:
     }
 
 
+def model_step_backends(device_type: str) -> dict[str, dict[str, int]]:
+    """For each op of a ViT-B/16 MAE forward in bf16 (batch 2, mask ratio 0.75) on ``device_type``: how many of
+    its calls "auto" sends to each backend. Traced on fake tensors: nothing runs, so "cuda" works without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mae_fast.models import create_model
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with FakeTensorMode(), torch.device(device_type), dispatch.recording() as picks:
+            model = create_model("mae_vit_base_patch16", backend="auto")
+            model(torch.randn(2, 3, 224, 224), 0.75)
+    finally:
+        torch.set_default_dtype(previous)
+    counts: dict[str, dict[str, int]] = {}
+    for op, backend in picks:
+        counts.setdefault(op, {}).setdefault(backend, 0)
+        counts[op][backend] += 1
+    return counts
+
+
 def report() -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lines = [
@@ -66,6 +88,14 @@ def report() -> str:
         for backend, reason in reasons.items():
             if reason is not None:
                 lines.append(f"  {'':<22}    {backend}: {reason}")
+    targets = [device.type] + (["cuda"] if device.type == "cpu" and torch.version.cuda is not None else [])
+    for target in targets:
+        note = " (fake tensors: what a GPU would run)" if target != device.type else ""
+        picks = model_step_backends(target)
+        lines.append(f"a ViT-B/16 MAE step in bf16 on {target}{note}:")
+        for op, backends in picks.items():
+            calls = ", ".join(f"{name} x{count}" for name, count in backends.items())
+            lines.append(f"  {op:<22} -> {calls}")
     return "\n".join(lines)
 
 

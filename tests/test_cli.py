@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from mae_fast import bench, cli, info
+from mae_fast import _extension, bench, cli, info
 
 REPO = Path(__file__).resolve().parent.parent
 OWN_OPTIONS = {
@@ -25,6 +26,24 @@ def test_info_reports_versions_extension_and_backends():
     text = info.report()
     for needle in ("torch", "triton", "extension", "patch_embed_gather", "visible_attention", "->"):
         assert needle in text
+    assert "a ViT-B/16 MAE step in bf16 on cpu:\n  random_masking         -> torch x1" in text
+
+
+def test_info_shows_the_backend_of_every_op_of_a_model_step():
+    """On fake tensors: every op of a ViT-B step resolves (encoder and decoder attention, 12 + 8 blocks)."""
+    cpu = info.model_step_backends("cpu")
+    assert cpu == {
+        op: {"torch": calls}
+        for op, calls in [
+            ("random_masking", 1),
+            ("patch_embed_gather", 1),
+            ("qkv_attention", 20),
+            ("unshuffle_mask_tokens", 1),
+            ("masked_mse_loss", 1),
+        ]
+    }
+    if torch.version.cuda is not None and _extension.available():
+        assert {backend for backends in info.model_step_backends("cuda").values() for backend in backends} == {"cuda"}
 
 
 def test_python_dash_m_info():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -55,8 +56,9 @@ def images(imgs, patch_size: int, name: str = "imgs") -> tuple[int, int, int, in
 
 
 def host_checks_enabled(tensor: torch.Tensor) -> bool:
-    """Value checks need the data on the host: only on the CPU or when asked, and never while tracing."""
-    if torch.compiler.is_compiling():
+    """Value checks need the data on the host: only on the CPU or when asked, never while tracing, and never
+    on fake tensors (which hold no values)."""
+    if torch.compiler.is_compiling() or is_fake(tensor):
         return False
     return tensor.device.type == "cpu" or os.environ.get("MAE_FAST_CHECK_INDICES") == "1"
 
