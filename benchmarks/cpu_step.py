@@ -6,7 +6,8 @@ Each provider runs forward + backward + AdamW on the same weights, images and ma
 library's training setup: mae_fast as ``mae-fast pretrain`` runs it (backend "auto", which is the "torch"
 backend on CPU tensors, and its optimizer: torch's fused AdamW over the release's two parameter groups),
 the peers with torch's default AdamW (foreach) over the same groups, as the release's script and
-transformers' Trainer build it. The release's model
+transformers' Trainer build it; "mae_fast_default_adamw" is mae_fast with the peers' optimizer, so that the
+model's own share of the difference shows. The release's model
 (benchmarks/reference_mae.py: timm-style blocks with F.scaled_dot_product_attention, a conv over every
 patch, argsort masking) and transformers' ViTMAEForPreTraining with SDPA attention. Steps are interleaved
 (one step of each provider in turn) so that a change in the machine's load hits all of them alike; the
@@ -84,11 +85,14 @@ def providers(size: str, with_compile: bool, seed: int = 0) -> dict[str, Callabl
     model = create_model(spec["name"], **spec["overrides"])
     imgs = torch.randn(spec["batch"], model.in_chans, *model.img_size)
     noise = torch.rand(spec["batch"], model.num_patches)
+    same = create_model(spec["name"], **spec["overrides"])  # mae_fast with the peers' optimizer, for the fwd + bwd
+    same.load_state_dict(model.state_dict())
     release = ReferenceMAE.like(model)
     transformers = to_transformers(model)
     transformers.config._attn_implementation = "sdpa"
     steps = {
         "mae_fast": _step(model, lambda: model(imgs, 0.75, noise=noise)[0], fused=True),
+        "mae_fast_default_adamw": _step(same, lambda: same(imgs, 0.75, noise=noise)[0], fused=False),
         "release": _step(release, lambda: release(imgs, 0.75, noise=noise)[0], fused=False),
         "transformers": _step(transformers, lambda: transformers(pixel_values=imgs, noise=noise).loss, fused=False),
     }
