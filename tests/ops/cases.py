@@ -13,11 +13,13 @@ Two levels, parametrised by tests/ops/conftest.py:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
+from triton_aot import compile_reports
 
 from mae_fast import dispatch, primitives
 from mae_fast.backends.cuda import _library as cuda_library
@@ -154,6 +156,13 @@ def as_float64(inputs):
     return [t.double() if t is not None and t.is_floating_point() else t for t in inputs]
 
 
+def against_reference(fn: Callable, reference_fn: Callable, inputs, grad_out):
+    """(output, grads) of ``fn``, of ``reference_fn`` on the same inputs, and of ``reference_fn`` in float64."""
+    mine = grads_of(fn, inputs, grad_out)
+    same = grads_of(reference_fn, inputs, grad_out)
+    return mine, same, grads_of(reference_fn, as_float64(inputs), grad_out.double())
+
+
 # --- criteria ---------------------------------------------------------------------------------------------
 
 
@@ -218,6 +227,29 @@ def model_matches_reference(monkeypatch, backend: Backend, ops: set[str], norm_p
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def opcheck(ns: Namespace, cases: dict, case: str) -> None:
+    """torch.library.opcheck of ``cases[case]`` (a primitive's name, its arguments): schema, autograd
+    registration, and fakes equal to what the kernels return, also under AOT tracing with dynamic shapes."""
+    name, args = cases[case]
+    torch.library.opcheck(getattr(ns.ops, name), args)
+
+
+def assert_compiles_like_eager(step: Callable, leaves, backend: str | None = "aot_eager") -> None:
+    """``step(*leaves)`` compiled with fullgraph=True (``backend``; None: inductor) gives the eager value and
+    the eager gradients of every leaf: the fakes and the registered autograd trace without a graph break."""
+    torch._dynamo.reset()
+    compiled = (
+        torch.compile(step, fullgraph=True) if backend is None else torch.compile(step, fullgraph=True, backend=backend)
+    )
+    eager = step(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    torch.testing.assert_close(got, eager)
+    for got_grad, eager_grad in zip(got_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got_grad, eager_grad)
+
+
 # --- attention --------------------------------------------------------------------------------------------
 
 
@@ -228,8 +260,47 @@ def low_precision_attention(q, k, v, scale):
     return torch.einsum("bhnm,bmhd->bnhd", probs, v)
 
 
-def check_close_to_fp32(mine, low, ref, what):
-    """FlashAttention's criterion: error vs the fp32 reference at most 2x that of PyTorch in the same dtype."""
-    err = (mine.double() - ref.double()).abs().max().item()
-    budget = (low.double() - ref.double()).abs().max().item()
-    assert err <= 2 * budget + 1e-4, f"{what}: error {err:.3g} > 2 x {budget:.3g}"
+def check_same_precision(mine, low, exact, what, floor=1e-4):
+    """FlashAttention's criterion: the error against the exact result (fp32 or float64 on the same rounded
+    inputs) at most twice that of PyTorch in the same dtype (``low``), plus ``floor``."""
+    err = (mine.double() - exact.double()).abs().max().item()
+    budget = (low.double() - exact.double()).abs().max().item()
+    assert err <= 2 * budget + floor, f"{what}: error {err:.3g} > 2 x {budget:.3g} + {floor:g}"
+
+
+# --- Triton ahead-of-time builds (tests/triton_aot.py) ----------------------------------------------------
+
+_aot_jobs: dict[str, list[dict]] = {}
+_aot_reports: dict[str, list[dict]] = {}
+
+
+def register_aot_jobs(op: str, jobs: list[dict]) -> None:
+    """Called when an op's test module is imported: the Triton kernels it builds ahead of time."""
+    _aot_jobs[op] = list(jobs)
+
+
+def aot_reports(op: str) -> list[dict]:
+    """The build reports of ``op``'s jobs. The first call builds the jobs of every op registered so far in one
+    batch (fresh processes, one per core, rather than one per op); if that batch fails, each op is built
+    alone, so that its failure names its own kernels."""
+    if op not in _aot_reports:
+        pending = {name: jobs for name, jobs in _aot_jobs.items() if name not in _aot_reports}
+        batch = [dict(job, op=name) for name, jobs in pending.items() for job in jobs]
+        try:
+            reports = compile_reports(batch, processes=min(4, os.cpu_count() or 1))
+        except AssertionError:
+            _aot_reports[op] = compile_reports(_aot_jobs[op])
+        else:
+            for name in pending:
+                _aot_reports[name] = [report for report in reports if report["op"] == name]
+    return _aot_reports[op]
+
+
+def check_aot_builds(op: str, archs=(80, 90)) -> list[dict]:
+    """``op``'s Triton kernels build for every arch of ``archs`` without register spills; returns the reports."""
+    reports = aot_reports(op)
+    assert {report["arch"] for report in reports} == set(archs)
+    for report in reports:
+        print(f"{report['label']}: {report['text']}")
+    assert all(report["spills"] == 0 for report in reports), [r["text"] for r in reports if r["spills"]]
+    return reports

@@ -61,6 +61,15 @@ def backend(request, device) -> Backend:
     return Backend(request.param, device)
 
 
+def _emulation_missing(cuda_include: str) -> str | None:
+    """What the emulation's build lacks here (a host compiler, the CUDA headers), or None."""
+    if shutil.which("c++") is None:
+        return "no host C++ compiler"
+    if not os.path.isfile(os.path.join(cuda_include, "cuda_runtime.h")):
+        return "no CUDA headers (set CUDA_HOME)"
+    return None
+
+
 @pytest.fixture(scope="session")
 def cuda_emulation():
     """Build the CPU emulation of the CUDA kernels (once per session) and return its ops."""
@@ -68,10 +77,9 @@ def cuda_emulation():
 
     from mae_fast.backends.cuda import _library as cuda_library
 
-    if shutil.which("c++") is None:
-        pytest.skip("no host C++ compiler: the CUDA emulation cannot be built (these tests did NOT run)")
-    if not os.path.isfile(os.path.join(emulation.cuda_include_dir(), "cuda_runtime.h")):
-        pytest.skip("no CUDA headers (set CUDA_HOME): the CUDA emulation cannot be built (these tests did NOT run)")
+    missing = _emulation_missing(emulation.cuda_include_dir())
+    if missing is not None:
+        pytest.skip(f"{missing}: the CUDA emulation cannot be built (these tests did NOT run)")
     cuda_library.install(EMULATION, "CPU")  # the schemas, fakes and formulas the real extension gets
     emulation.build(os.path.join(emulation.ROOT, "build", "cuda_emulation"))
     return torch.ops.mae_fast_emu

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import FLOAT_DTYPES, LOSS_SHAPES, refused
+from cases import (
+    FLOAT_DTYPES,
+    LOSS_SHAPES,
+    assert_compiles_like_eager,
+    check_aot_builds,
+    refused,
+    register_aot_jobs,
+)
 from mae_fast.kernels import masked_mse
 from torch.utils._python_dispatch import TorchDispatchMode
-from triton_aot import compile_reports
 
 from mae_fast import dispatch, ops, reference
 from mae_fast.backends.cuda import loss as cuda_loss
@@ -82,12 +88,14 @@ def saves_residual(ns, dtype) -> bool:
 # --- the public op, on every backend ---------------------------------------------------------------------
 
 
+@pytest.mark.backends("reference", "cuda")
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("norm_pix", [True, False], ids=["norm_pix", "raw_pix"])
 def test_masked_mse_loss_forward_backward(backend, shape, dtype, norm_pix):
     """The loss, pred's gradient for an upstream gradient of 3, a bitwise reproducible loss; on the CUDA
-    backend also the Triton loss where Triton runs these inputs."""
+    backend also the Triton loss where Triton runs these inputs. (The Triton kernels run this grid in
+    test_loss_primitives_and_the_backward_rules; its public op, the tests below.)"""
     p = shape[4]
     pred, imgs, mask = grid_inputs(shape, dtype, backend.device)
     exact_loss, exact_grad = exact_loss_and_grad(pred, imgs, mask, p, norm_pix, grad_loss=3.0)
@@ -104,15 +112,20 @@ def test_masked_mse_loss_forward_backward(backend, shape, dtype, norm_pix):
         torch.testing.assert_close(loss.detach(), triton, rtol=1e-4, atol=1e-6)
 
 
+def check_public_loss(backend: str, pred, imgs, mask, p, upstream=1.0):
+    """The public op's loss and pred's gradient (for an upstream gradient ``upstream``) against float64."""
+    exact_loss, exact_grad = exact_loss_and_grad(pred, imgs, mask, p, True, grad_loss=upstream)
+    leaf = pred.detach().clone().requires_grad_()  # clone keeps pred's strides
+    loss = ops.masked_mse_loss(leaf, imgs, mask, p, backend=backend)
+    (loss if upstream == 1.0 else loss * upstream).backward()
+    assert_loss_close(loss, exact_loss)
+    assert_grad_close(leaf.grad, exact_grad, grad_ulps(backend, pred.dtype, upstream))
+
+
 @pytest.mark.parametrize("imgs_dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_images(backend, imgs_dtype):
     pred, imgs, mask = loss_inputs(2, 3, 4, 3, 2, torch.bfloat16, backend.device, imgs_dtype)
-    exact_loss, exact_grad = exact_loss_and_grad(pred, imgs, mask, 4, True)
-    leaf = pred.clone().requires_grad_()
-    loss = ops.masked_mse_loss(leaf, imgs, mask, 4, backend=backend.name)
-    loss.backward()
-    assert_loss_close(loss, exact_loss)
-    assert_grad_close(leaf.grad, exact_grad)
+    check_public_loss(backend.name, pred, imgs, mask, 4)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -125,12 +138,7 @@ def test_extreme_masks_and_upstream_gradient(backend, removed, dtype):
         mask[1, 4] = 1.0
     elif removed == "all_but_one":
         mask[0, 2] = 0.0
-    exact_loss, exact_grad = exact_loss_and_grad(pred, imgs, mask, 4, True, grad_loss=-3.5)
-    leaf = pred.clone().requires_grad_()
-    loss = ops.masked_mse_loss(leaf, imgs, mask, 4, backend=backend.name)
-    (loss * -3.5).backward()
-    assert_loss_close(loss, exact_loss)
-    assert_grad_close(leaf.grad, exact_grad, grad_ulps(backend.name, dtype, -3.5))
+    check_public_loss(backend.name, pred, imgs, mask, 4, upstream=-3.5)
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "weights", "float16"])
@@ -142,12 +150,7 @@ def test_mask_dtypes_and_fractional_weights(backend, mask_kind):
         mask = mask * torch.rand_like(mask) + mask  # weights in [1, 2) on the removed patches, 0 elsewhere
     else:
         mask = mask.half()
-    exact_loss, exact_grad = exact_loss_and_grad(pred, imgs, mask, 8, True)
-    leaf = pred.clone().requires_grad_()
-    loss = ops.masked_mse_loss(leaf, imgs, mask, 8, backend=backend.name)
-    loss.backward()
-    assert_loss_close(loss, exact_loss)
-    assert_grad_close(leaf.grad, exact_grad)
+    check_public_loss(backend.name, pred, imgs, mask, 8)
 
 
 def test_non_contiguous_inputs(backend):
@@ -157,12 +160,8 @@ def test_non_contiguous_inputs(backend):
     imgs = torch.randn(b, c, gh * p, gw * p, device=device).to(memory_format=torch.channels_last)
     mask = (torch.rand(gh * gw, b, device=device) < 0.6).float().t()
     mask[0, 1] = 1.0
-    exact_loss, exact_grad = exact_loss_and_grad(pred, imgs, mask, p, True)
-    leaf = pred.detach().requires_grad_()
-    loss = ops.masked_mse_loss(leaf, imgs, mask, p, backend=backend.name)
-    loss.backward()
-    assert_loss_close(loss, exact_loss)
-    assert_grad_close(leaf.grad, exact_grad)
+    assert not pred.is_contiguous() and not mask.is_contiguous()
+    check_public_loss(backend.name, pred, imgs, mask, p)
 
 
 def test_no_grad_loss(backend):
@@ -497,12 +496,9 @@ def test_torch_compile_inductor_gpu(ns):
     def step(pred, imgs, mask):
         return ns.ops.masked_mse_loss(pred, imgs, mask, 8, True, 1e-6, True)[0] * 2.0
 
-    pred = torch.randn(2, 16, 192, device="cuda", requires_grad=True)
     imgs, mask = torch.randn(2, 3, 32, 32, device="cuda"), torch.ones(2, 16, device="cuda")
-    torch._dynamo.reset()
-    got, expected = torch.compile(step, fullgraph=True)(pred, imgs, mask), step(pred, imgs, mask)
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(torch.autograd.grad(got, pred)[0], torch.autograd.grad(expected, pred)[0])
+    pred = torch.randn(2, 16, 192, device="cuda", requires_grad=True)
+    assert_compiles_like_eager(lambda pred: step(pred, imgs, mask), [pred], backend=None)
 
 
 # --- the Triton kernels ------------------------------------------------------------------------------------
@@ -673,10 +669,9 @@ def aot_jobs():
     return jobs
 
 
+register_aot_jobs("loss", aot_jobs())
+
+
 def test_triton_kernels_compile_for_sm90_and_sm80_without_spills():
-    reports = compile_reports(aot_jobs())
-    assert {report["arch"] for report in reports} == set(AOT_ARCHS)
+    reports = check_aot_builds("loss", AOT_ARCHS)
     assert len(reports) == len(AOT_ARCHS) * (len(AOT_PATCHES) + 1 + len(AOT_SCALES) + 2)
-    for report in reports:
-        print(f"{report['label']} {report['text']}")
-    assert all(report["spills"] == 0 for report in reports), [r["text"] for r in reports if r["spills"]]

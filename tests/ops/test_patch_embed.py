@@ -13,17 +13,21 @@ import torch
 from cases import (
     FLOAT_DTYPES,
     TOL,
+    against_reference,
     as_float64,
     assert_close_scaled,
     assert_close_to_exact,
+    assert_compiles_like_eager,
+    check_aot_builds,
     grads_of,
     model_matches_reference,
+    opcheck,
     randn,
     random_ids,
+    register_aot_jobs,
 )
 from mae_fast.kernels import patch_embed as patch_embed_kernel
 from mae_fast.kernels import patchify_gather as gather_kernel
-from triton_aot import compile_reports
 
 from mae_fast import dispatch, ops, reference
 
@@ -61,9 +65,10 @@ def check_embed(backend: str, inputs, dtype):
     """Forward and every gradient of the public op on ``backend`` by the same-precision rule."""
     imgs, ids, weight, bias, pos = inputs
     grad_out = randn(imgs.shape[0], ids.shape[1], weight.shape[0], device=imgs.device, dtype=dtype)
-    out, grads = grads_of(lambda *a: ops.patch_embed_gather(*a, backend=backend), inputs, grad_out)
-    same, same_grads = grads_of(reference.patch_embed_gather, inputs, grad_out)
-    exact, exact_grads = grads_of(reference.patch_embed_gather, as_float64(inputs), grad_out.double())
+    public = lambda *a: ops.patch_embed_gather(*a, backend=backend)  # noqa: E731
+    (out, grads), (same, same_grads), (exact, exact_grads) = against_reference(
+        public, reference.patch_embed_gather, inputs, grad_out
+    )
     assert_close_to_exact(out, same, exact, "out")
     for name, grad, same_grad, exact_grad in zip(NAMES, grads, same_grads, exact_grads, strict=True):
         if exact_grad is None:
@@ -130,10 +135,10 @@ def test_int32_ids_give_the_same_results(backend):
 
 
 @pytest.mark.backends("triton", "cuda")
-@pytest.mark.parametrize("norm_pix_loss", [True, False])
-def test_model_matches_reference(backend, monkeypatch, norm_pix_loss):
-    """The tiny MAE with patch_embed_gather on this backend (every other op on the reference)."""
-    model_matches_reference(monkeypatch, backend, {"patch_embed_gather"}, norm_pix_loss)
+def test_model_matches_reference(backend, monkeypatch):
+    """The tiny MAE with patch_embed_gather on this backend (every other op on the reference: the loss's
+    norm_pix only changes the gradient reaching this op, and test_unshuffle.py's model test takes the other)."""
+    model_matches_reference(monkeypatch, backend, {"patch_embed_gather"}, norm_pix_loss=True)
 
 
 def test_bad_input_is_a_clear_error(backend, monkeypatch):
@@ -241,30 +246,18 @@ def _opcheck_cases(device):
 @pytest.mark.primitives("patch_embed_gather", "patch_embed_pos_grad")
 @pytest.mark.parametrize("case", ["patch_embed_gather", "patch_embed_gather_no_bias_pos", "patch_embed_pos_grad"])
 def test_opcheck(ns, case):
-    """Schema, autograd registration, and fakes equal to what the kernels return (also under AOT tracing)."""
-    name, args = _opcheck_cases(ns.device)[case]
-    torch.library.opcheck(getattr(ns.ops, name), args)
+    opcheck(ns, _opcheck_cases(ns.device), case)
 
 
 @pytest.mark.primitives("patch_embed_gather", "patch_embed_pos_grad")
 def test_torch_compile_fullgraph(ns):
-    """The fakes and the registered autograd let dynamo / AOTAutograd trace forward and backward in one graph
-    (backend="aot_eager" on the CPU: inductor's CPU codegen around interpreter launches only costs time)."""
+    """Forward and the gradients of imgs, weight and the table in one traced graph (aot_eager)."""
     imgs, ids, weight, bias, pos = embed_inputs(ns.device, (2, 3, 8, 12, 4, 24, 3), torch.float32)
 
     def step(imgs, weight, pos):
         return ns.ops.patch_embed_gather(imgs, ids, weight, bias, pos).square().sum()
 
-    leaves = [t.requires_grad_() for t in (imgs, weight, pos)]
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager_loss = step(*leaves)
-    eager_grads = torch.autograd.grad(eager_loss, leaves)
-    compiled_loss = compiled(*leaves)
-    compiled_grads = torch.autograd.grad(compiled_loss, leaves)
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(compiled_grad, eager_grad)
+    assert_compiles_like_eager(step, [t.requires_grad_() for t in (imgs, weight, pos)])
 
 
 @pytest.mark.gpu
@@ -277,13 +270,7 @@ def test_torch_compile_inductor_gpu(ns):
     def step(imgs, weight):
         return ns.ops.patch_embed_gather(imgs, ids, weight, bias, pos).float().square().sum()
 
-    leaves = [t.requires_grad_() for t in (imgs, weight)]
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)
-    eager_grads = torch.autograd.grad(step(*leaves), leaves)
-    compiled_grads = torch.autograd.grad(compiled(*leaves), leaves)
-    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(compiled_grad, eager_grad)
+    assert_compiles_like_eager(step, [t.requires_grad_() for t in (imgs, weight)], backend=None)
 
 
 # --- the Triton kernels: ahead-of-time builds for the GPU ------------------------------------------------
@@ -327,11 +314,10 @@ def aot_jobs():
     return [{"label": label, **dict(zip(keys, job, strict=True))} for label, job in jobs.items()]
 
 
+register_aot_jobs("patch_embed", aot_jobs())
+
+
 def test_triton_kernels_compile_for_sm90_and_sm80_without_spills():
-    reports = compile_reports(aot_jobs())
-    assert {report["arch"] for report in reports} == {80, 90}
-    for report in reports:
-        print(f"{report['label']}: {report['text']}")
-    assert all(report["spills"] == 0 for report in reports), [r["text"] for r in reports if r["spills"]]
+    reports = check_aot_builds("patch_embed")
     half_gemms = [r for r in reports if r["label"].startswith("patch_embed") and "fp32" not in r["label"]]
     assert half_gemms and all(report["tensor_cores"] for report in half_gemms), [r["text"] for r in half_gemms]

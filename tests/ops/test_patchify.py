@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import FLOAT_DTYPES, GATHER_SHAPES, grads_of, leaf, randn, random_ids, refused
+from cases import (
+    FLOAT_DTYPES,
+    GATHER_SHAPES,
+    assert_compiles_like_eager,
+    check_aot_builds,
+    grads_of,
+    leaf,
+    opcheck,
+    randn,
+    random_ids,
+    refused,
+    register_aot_jobs,
+)
 from mae_fast.kernels import patchify_gather as gather_kernel
-from triton_aot import compile_reports
 
 from mae_fast import dispatch, ops, reference
 
@@ -132,11 +143,14 @@ def test_patchify_and_unpatchify_primitives(ns, shape, dtype):
 
 
 @pytest.mark.primitives("gather_patches", "scatter_patches")
+@pytest.mark.namespaces("mae_fast_emu", "mae_fast")
 @pytest.mark.parametrize("shape", GATHER_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [True, False], ids=["ijc", "cij"])
 def test_gather_and_scatter_patches(ns, shape, dtype, channels_last):
-    """Both patch orders, int64 and int32 ids; the scatter is the gather's backward."""
+    """Both patch orders, int64 and int32 ids; the scatter is the gather's backward. On the CUDA kernels'
+    vector and scalar paths; Triton's gather and scatter (one path for every shape) run this grid through
+    the public op above, both orders in the adjoint and opcheck tests and through patch_embed_gather."""
     b, c, h, w, p, keep = shape
     imgs = randn(b, c, h, w, device=ns.device, dtype=dtype)
     length = (h // p) * (w // p)
@@ -223,10 +237,7 @@ def _opcheck_cases(device):
     "case", ["patchify", "unpatchify", "gather_patches", "gather_patches_conv_order", "scatter_patches"]
 )
 def test_opcheck(ns, case):
-    """torch.library.opcheck: schema, autograd registration, and fake outputs (shapes, strides, dtypes)
-    equal to what the kernels return, also under AOT tracing with dynamic shapes."""
-    name, args = _opcheck_cases(ns.device)[case]
-    torch.library.opcheck(getattr(ns.ops, name), args)
+    opcheck(ns, _opcheck_cases(ns.device), case)
 
 
 @pytest.mark.primitives("gather_patches", "scatter_patches")
@@ -240,14 +251,7 @@ def test_torch_compile_fullgraph(ns):
     def step(imgs):
         return ns.ops.gather_patches(imgs, ids, 4, True).pow(3).sum() + ns.ops.gather_patches(imgs, ids, 4, False).sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager_loss = step(imgs)
-    (eager_grad,) = torch.autograd.grad(eager_loss, imgs)
-    compiled_loss = compiled(imgs)
-    (compiled_grad,) = torch.autograd.grad(compiled_loss, imgs)
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    torch.testing.assert_close(compiled_grad, eager_grad)
+    assert_compiles_like_eager(step, [imgs])
 
 
 @pytest.mark.gpu
@@ -261,11 +265,7 @@ def test_torch_compile_inductor_gpu(ns):
     def step(imgs):
         return ns.ops.gather_patches(imgs, ids, 16, True).float().pow(3).sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)
-    (eager_grad,) = torch.autograd.grad(step(imgs), imgs)
-    (compiled_grad,) = torch.autograd.grad(compiled(imgs), imgs)
-    torch.testing.assert_close(compiled_grad, eager_grad)
+    assert_compiles_like_eager(step, [imgs], backend=None)
 
 
 # --- the Triton kernels: ahead-of-time builds for the GPU ------------------------------------------------
@@ -296,9 +296,8 @@ def aot_jobs():
     return [{"label": label, **dict(zip(keys, job, strict=True))} for label, job in jobs.items()]
 
 
+register_aot_jobs("patchify", aot_jobs())
+
+
 def test_triton_kernels_compile_for_sm90_and_sm80_without_spills():
-    reports = compile_reports(aot_jobs())
-    assert {report["arch"] for report in reports} == {80, 90}
-    for report in reports:
-        print(f"{report['label']}: {report['text']}")
-    assert all(report["spills"] == 0 for report in reports), [r["text"] for r in reports if r["spills"]]
+    check_aot_builds("patchify")

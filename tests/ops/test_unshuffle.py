@@ -8,38 +8,19 @@ cast the mask token and the table to x's dtype before one rounding per element, 
 
 from __future__ import annotations
 
+import cases
 import pytest
 import torch
-from cases import (
-    FLOAT_DTYPES,
-    TOL,
-    as_float64,
-    assert_close_scaled,
-    assert_close_to_exact,
-    grads_of,
-    model_matches_reference,
-    randn,
-    random_restore,
-    refused,
-)
+from cases import FLOAT_DTYPES, TOL, randn, random_restore
 from mae_fast.kernels import patchify_gather as gather_kernel
 from mae_fast.kernels import unshuffle as unshuffle_kernel
-from triton_aot import compile_reports
 
 from mae_fast import dispatch, ops, reference
 
-# (B, L, K, Dd): the MAE-B decoder (L = 196, K = 49, Dd = 512) and small odd ones; L = K = 1; K = 1;
-# K = L; L + 1 not a row-block multiple and Dd > BLOCK_N
-UNSHUFFLE_SHAPES = [
-    (2, 16, 4, 32),
-    (3, 49, 13, 64),
-    (2, 20, 7, 36),
-    (1, 196, 50, 512),
-    (1, 1, 1, 16),
-    (2, 7, 1, 24),
-    (3, 21, 21, 40),
-    (2, 37, 9, 160),
-]
+# (B, L, K, Dd): small odd ones; L = K = 1; K = 1; K = L; L + 1 not a row-block multiple and Dd > BLOCK_N
+# (the MAE-B decoder: test_release_sized_shapes_gpu)
+UNSHUFFLE_SHAPES = [(2, 16, 4, 32), (3, 49, 13, 64), (2, 20, 7, 36), (1, 1, 1, 16), (2, 7, 1, 24), (3, 21, 21, 40)]
+UNSHUFFLE_SHAPES += [(2, 37, 9, 160)]
 
 
 @pytest.fixture(autouse=True)
@@ -61,10 +42,10 @@ def check_unshuffle(backend: str, inputs, dtype):
     x, _, ids_restore, _ = inputs
     b, length, dim = x.shape[0], ids_restore.shape[1], x.shape[2]
     grad_out = randn(b, length + 1, dim, device=x.device, dtype=dtype)
-    out, grads = grads_of(lambda *a: ops.unshuffle_mask_tokens(*a, backend=backend), inputs, grad_out)
-    same, same_grads = grads_of(reference.unshuffle_mask_tokens, inputs, grad_out)
-    exact, exact_grads = grads_of(reference.unshuffle_mask_tokens, as_float64(inputs), grad_out.double())
-    assert_close_to_exact(out, same, exact, "out")
+    public = lambda *a: ops.unshuffle_mask_tokens(*a, backend=backend)  # noqa: E731
+    results = cases.against_reference(public, reference.unshuffle_mask_tokens, inputs, grad_out)
+    (out, grads), (same, same_grads), (exact, exact_grads) = results
+    cases.assert_close_to_exact(out, same, exact, "out")
     if backend != "triton":
         assert torch.equal(out, same), "the same casts and one rounding per element as the reference"
     assert torch.equal(grads[0], same_grads[0]), "grad of x is a permutation of grad_out's rows"
@@ -73,7 +54,7 @@ def check_unshuffle(backend: str, inputs, dtype):
         if exact_grads[index] is None:
             assert grads[index] is None, name
             continue
-        assert_close_to_exact(grads[index], same_grads[index], exact_grads[index], f"grad of {name}")
+        cases.assert_close_to_exact(grads[index], same_grads[index], exact_grads[index], f"grad of {name}")
         torch.testing.assert_close(grads[index].double(), exact_grads[index], rtol=tol, atol=atol, msg=name)
 
 
@@ -86,7 +67,7 @@ def check_unshuffle(backend: str, inputs, dtype):
 def test_unshuffle_mask_tokens_forward_backward(backend, shape, dtype, with_pos):
     inputs = unshuffle_inputs(backend.device, shape, dtype, pos_layout="3d" if with_pos else "none")
     check_unshuffle(backend.name, inputs, dtype)
-    if backend.name == "cuda" and refused("triton", "unshuffle_mask_tokens", *inputs) is None:
+    if backend.name == "cuda" and cases.refused("triton", "unshuffle_mask_tokens", *inputs) is None:
         x, mask_token, ids_restore, pos = inputs
         out = ops.unshuffle_mask_tokens(*inputs, backend="cuda")
         triton = ops.unshuffle_mask_tokens(*inputs, backend="triton")
@@ -115,7 +96,7 @@ def test_int32_ids_give_the_same_results(backend):
     x, mask_token, ids_restore, pos = unshuffle_inputs(backend.device, (2, 11, 4, 24), torch.float32)
     grad = torch.randn(2, 12, 24, device=backend.device)
     results = [
-        grads_of(lambda *a: ops.unshuffle_mask_tokens(*a, backend=backend.name), (x, mask_token, i, pos), grad)
+        cases.grads_of(lambda *a: ops.unshuffle_mask_tokens(*a, backend=backend.name), (x, mask_token, i, pos), grad)
         for i in (ids_restore, ids_restore.int())
     ]
     (out64, grads64), (out32, grads32) = results
@@ -123,10 +104,10 @@ def test_int32_ids_give_the_same_results(backend):
 
 
 @pytest.mark.backends("triton", "cuda")
-@pytest.mark.parametrize("norm_pix_loss", [True, False])
-def test_model_matches_reference(backend, monkeypatch, norm_pix_loss):
-    """The tiny MAE with unshuffle_mask_tokens on this backend (every other op on the reference)."""
-    model_matches_reference(monkeypatch, backend, {"unshuffle_mask_tokens"}, norm_pix_loss)
+def test_model_matches_reference(backend, monkeypatch):
+    """The tiny MAE with unshuffle_mask_tokens on this backend (every other op on the reference; the raw-pixel
+    loss here, the normalised one in test_patch_embed.py's model test)."""
+    cases.model_matches_reference(monkeypatch, backend, {"unshuffle_mask_tokens"}, norm_pix_loss=False)
 
 
 def test_bad_input_is_a_clear_error(backend, monkeypatch):
@@ -162,10 +143,13 @@ def test_refusals_name_the_reason(backend, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.backends("triton", "cuda")
+@pytest.mark.parametrize("shape", [(16, 196, 49, 512), (1, 196, 50, 512)], ids=str)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_release_sized_shapes_gpu(backend, dtype):
-    """The MAE-B decoder input: 16 images, K = 49 of 196, 512 wide."""
-    check_unshuffle(backend.name, unshuffle_inputs(backend.device, (16, 196, 49, 512), dtype), dtype)
+@pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "no_pos"])
+def test_release_sized_shapes_gpu(backend, shape, dtype, with_pos):
+    """The MAE-B decoder input: K = 49 or 50 of 196, 512 wide."""
+    inputs = unshuffle_inputs(backend.device, shape, dtype, pos_layout="3d" if with_pos else "none")
+    check_unshuffle(backend.name, inputs, dtype)
 
 
 # --- the primitives, on every namespace ------------------------------------------------------------------
@@ -186,7 +170,7 @@ def test_unshuffle_primitives(ns, shape, dtype, with_pos):
     leaves = [x.double().requires_grad_(), mask_token.double().requires_grad_()]
     exact = reference.unshuffle_mask_tokens(*leaves, ids_restore, None if pos is None else pos.double())
     assert out.dtype == dtype
-    assert_close_scaled(out, exact, dtype, "out")
+    cases.assert_close_scaled(out, exact, dtype, "out")
 
     grad = randn(b, length + 1, dim, device=ns.device, dtype=dtype)
     exact.backward(grad.double())
@@ -209,7 +193,7 @@ def test_unshuffle_gradients_through_the_autograd_formula(ns):
     )
     reference.unshuffle_mask_tokens(exact[0], exact[1], ids_restore, exact[2]).backward(grad.double())
     for name, mine, ex in zip(("x", "mask_token", "pos_embed"), leaves, exact, strict=True):
-        assert_close_scaled(mine.grad.cpu(), ex.grad, torch.float32, f"grad {name}")
+        cases.assert_close_scaled(mine.grad.cpu(), ex.grad, torch.float32, f"grad {name}")
 
 
 @pytest.mark.primitives("unshuffle_mask_tokens_backward")
@@ -237,30 +221,18 @@ def _opcheck_cases(device):
 @pytest.mark.primitives("unshuffle_mask_tokens", "unshuffle_mask_tokens_backward")
 @pytest.mark.parametrize("case", ["unshuffle_mask_tokens", "unshuffle_mask_tokens_backward"])
 def test_opcheck(ns, case):
-    """Schema, autograd registration, and fakes equal to what the kernels return (also under AOT tracing)."""
-    name, args = _opcheck_cases(ns.device)[case]
-    torch.library.opcheck(getattr(ns.ops, name), args)
+    cases.opcheck(ns, _opcheck_cases(ns.device), case)
 
 
 @pytest.mark.primitives("unshuffle_mask_tokens", "unshuffle_mask_tokens_backward")
 def test_torch_compile_fullgraph(ns):
-    """The fakes and the registered autograd let dynamo / AOTAutograd trace forward and backward in one graph
-    (backend="aot_eager" on the CPU: inductor's CPU codegen around interpreter launches only costs time)."""
+    """Forward and the gradients of x and the mask token in one traced graph (aot_eager)."""
     x, mask_token, ids_restore, pos = unshuffle_inputs(ns.device, (2, 6, 3, 24), torch.float32)
 
     def step(x, mask_token):
         return ns.ops.unshuffle_mask_tokens(x, mask_token, ids_restore, pos).square().sum()
 
-    leaves = [t.requires_grad_() for t in (x, mask_token)]
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager_loss = step(*leaves)
-    eager_grads = torch.autograd.grad(eager_loss, leaves)
-    compiled_loss = compiled(*leaves)
-    compiled_grads = torch.autograd.grad(compiled_loss, leaves)
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(compiled_grad, eager_grad)
+    cases.assert_compiles_like_eager(step, [t.requires_grad_() for t in (x, mask_token)])
 
 
 @pytest.mark.gpu
@@ -273,11 +245,7 @@ def test_torch_compile_inductor_gpu(ns):
     def step(x):
         return ns.ops.unshuffle_mask_tokens(x, mask_token, ids_restore, pos).float().square().sum()
 
-    x.requires_grad_()
-    torch._dynamo.reset()
-    (eager_grad,) = torch.autograd.grad(step(x), x)
-    (compiled_grad,) = torch.autograd.grad(torch.compile(step, fullgraph=True)(x), x)
-    torch.testing.assert_close(compiled_grad, eager_grad)
+    cases.assert_compiles_like_eager(step, [x.requires_grad_()], backend=None)
 
 
 # --- the Triton kernels: ahead-of-time builds for the GPU ------------------------------------------------
@@ -309,9 +277,8 @@ def aot_jobs():
     return [{"label": label, **dict(zip(keys, job, strict=True))} for label, job in jobs.items()]
 
 
+cases.register_aot_jobs("unshuffle", aot_jobs())
+
+
 def test_triton_kernels_compile_for_sm90_and_sm80_without_spills():
-    reports = compile_reports(aot_jobs())
-    assert {report["arch"] for report in reports} == {80, 90}
-    for report in reports:
-        print(f"{report['label']}: {report['text']}")
-    assert all(report["spills"] == 0 for report in reports), [r["text"] for r in reports if r["spills"]]
+    cases.check_aot_builds("unshuffle")
