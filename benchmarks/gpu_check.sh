@@ -135,10 +135,10 @@ else
   stage tests-gpu "$(cap 120 "$BENCH_RESERVE_S")" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
   # the rest of the suite on the GPU (kernel tests use CUDA tensors here); left to CI: the CPU smoke tests of
   # the benchmarks (the benchmark stage below runs the real thing) and the CPU emulation of the CUDA kernels
-  # (its build would eat this stage; the kernels ran for real above)
+  # (marker cuda_emulation, tests/ops/: its build would eat this stage; the kernels ran for real above)
   stage tests-suite "$(cap 90 "$BENCH_RESERVE_S")" \
-    "$PY" -m pytest -q -m "not gpu and not slow" -p no:cacheprovider --benchmark-disable \
-    --ignore=tests/test_bench.py --ignore=tests/test_bench_perf.py --ignore=tests/test_cuda_emulated.py tests
+    "$PY" -m pytest -q -m "not gpu and not slow and not cuda_emulation" -p no:cacheprovider --benchmark-disable \
+    --ignore=tests/test_bench.py --ignore=tests/test_bench_perf.py tests
 fi
 
 # --- benchmarks: what works, within the time left; the JSON is rewritten after every case --------------------

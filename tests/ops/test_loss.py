@@ -312,7 +312,7 @@ def test_bad_scalars_are_a_clear_error(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.backends("triton", "cuda")
+@pytest.mark.backends("triton")  # one inductor build per op: the CUDA kernel's, the primitive test below
 def test_torch_compile_inductor_public_op_gpu(backend):
     pred, imgs, mask = loss_inputs(4, 3, 16, 4, 6, torch.bfloat16, backend.device)
 
@@ -489,7 +489,7 @@ def test_torch_compile_fullgraph(ns, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.primitives(*PRIMITIVES)
-@pytest.mark.namespaces("mae_fast_triton", "mae_fast")
+@pytest.mark.namespaces("mae_fast")  # the Triton one: the public op above
 def test_torch_compile_inductor_gpu(ns):
     """The primitive under inductor without a graph break: the compiled loss and gradient equal the eager ones."""
 
