@@ -26,7 +26,7 @@ NUM_STAGES = 3
 
 def block_k(dtype: torch.dtype) -> int:
     """Reduction step: 32 for the fp16/bf16 tensor-core dot; 16 for fp32, whose IEEE FMA dot needs more
-    registers (at 32 it spills on sm_80, see tests/test_triton_gather_ops.py's AOT report)."""
+    registers (at 32 it spills on sm_80, see the AOT report of tests/ops/test_patch_embed.py)."""
     return 16 if dtype == torch.float32 else 32
 
 

@@ -133,7 +133,7 @@ def test_emulated_cuda_kernels_train_a_tiny_model_like_the_reference(cuda_backen
 def test_emulated_qkv_attention_equals_visible_attention_on_its_views(emulated_namespace, packed, head_dim):
     """The qkv primitives run the visible_attention kernels on strided views of qkv and write dq, dk, dv into
     one dqkv buffer: bit for bit the visible_attention primitives' results (those are checked against fp32
-    in tests/test_cuda_emulated.py)."""
+    in tests/ops/test_attention.py)."""
     emu, heads = emulated_namespace, 2
     shape = (23, 3 * heads * head_dim) if packed else (2, 11, 3 * heads * head_dim)
     cu = torch.tensor([0, 9, 9, 23], dtype=torch.int32) if packed else None

@@ -1,4 +1,4 @@
-// Kernels for testing the emulation itself (tests/test_cuda_emulated.py): a few that use its primitives
+// Kernels for testing the emulation itself (tests/ops/test_attention.py): a few that use its primitives
 // correctly, whose results the tests check, and one per rule a GPU enforces, each of which must fail.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
