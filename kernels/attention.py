@@ -246,6 +246,27 @@ def _attention_bwd_kv_kernel(
 
 
 @triton.jit
+def _key_tile(
+    q, do, lse, k_base, v_base, start_n, n, stride_kt, stride_vt, offs_n, offs_d, mask_m, mask_d, qk_scale,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """For the keys start_n.. of one query tile: (k, P, dP), P = exp(q k^T * scale - lse) in fp32, zero where
+    masked, and dP = dO v^T (fp32): what both passes of the dq kernel need."""
+    cols = start_n + offs_n
+    mask_n = cols < n
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_nd, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_nd, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
+    p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+    return k, p, tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _attention_bwd_q_kernel(
     Q,
     K,
@@ -317,34 +338,19 @@ def _attention_bwd_q_kernel(
 
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, n, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < n
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_nd, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_nd, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
+        _, p, dp = _key_tile(
+            q, do, lse, k_base, v_base, start_n, n, stride_kt, stride_vt, offs_n, offs_d, mask_m, mask_d, qk_scale,
+            UPCAST, DOT_PRECISION,
+        )  # fmt: skip
+        delta += tl.sum(p * dp, 1)
     tl.store(DELTA + b * stride_lb + h * stride_lh + start + offs_m, delta, mask=mask_m)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, n, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < n
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=mask_nd, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=mask_nd, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634)
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        k, p, dp = _key_tile(
+            q, do, lse, k_base, v_base, start_n, n, stride_kt, stride_vt, offs_n, offs_d, mask_m, mask_d, qk_scale,
+            UPCAST, DOT_PRECISION,
+        )  # fmt: skip
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
 
