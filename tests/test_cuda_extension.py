@@ -3,7 +3,8 @@ schemas (defined once, in Python), fake implementations and autograd formulas tr
 support declarations that say why the "cuda" backend cannot run, and the compiler's register/spill report
 of every kernel.
 
-None of these runs a CUDA kernel; tests/ops/ (the cuda backend and the mae_fast namespace, marker gpu) do, when a GPU is present.
+None of these runs a CUDA kernel; tests/ops/ (the cuda backend and the mae_fast namespace, marker gpu) do,
+when a GPU is present.
 """
 
 from __future__ import annotations
