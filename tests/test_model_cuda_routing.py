@@ -75,7 +75,7 @@ def emulated_namespace():
     if not os.path.isfile(os.path.join(emulation.cuda_include_dir(), "cuda_runtime.h")):
         pytest.skip("no CUDA headers (set CUDA_HOME): the CUDA emulation cannot be built (these tests did NOT run)")
     cuda_library.install("mae_fast_emu", "CPU")
-    emulation.build(os.path.join(emulation.ROOT, "build", "cuda_emulation"))
+    emulation.build()
     return torch.ops.mae_fast_emu
 
 

@@ -119,11 +119,41 @@ def cuda_include_dir() -> str:
     return os.path.join(home, "include")
 
 
-def build(build_dir: str, verbose: bool = False):
-    """Compile the emulated extension into ``build_dir`` (incremental) and import it; its ops are then
-    ``torch.ops.mae_fast_emu.*`` on CPU tensors (and the self-tests ``torch.ops.mae_fast_emu_selftest.run``)."""
+#: A build lock older than this was left by a build that was killed (a build takes a few minutes here).
+STALE_LOCK_S = 20 * 60
+
+
+def default_build_dir() -> str:
+    """build/cuda_emulation/<torch version>-py<major.minor>: one build per environment, so that venvs with other
+    torch or Python versions sharing this checkout never load each other's binary."""
+    import sys
+
+    import torch
+
+    tag = f"{torch.__version__.replace('+', '-')}-py{sys.version_info.major}.{sys.version_info.minor}"
+    return os.path.join(ROOT, "build", "cuda_emulation", tag)
+
+
+def _remove_stale_lock(build_dir: str) -> None:
+    """torch's build lock waits forever for a lock file a killed build left behind: remove such a file."""
+    import time
+    import warnings
+
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+        warnings.warn(f"removing the stale build lock {lock} (left by a killed build)", stacklevel=2)
+        os.remove(lock)
+
+
+def build(build_dir: str | None = None, verbose: bool = False):
+    """Compile the emulated extension into ``build_dir`` (default :func:`default_build_dir`; incremental) and
+    import it; its ops are then ``torch.ops.mae_fast_emu.*`` on CPU tensors (and the self-tests
+    ``torch.ops.mae_fast_emu_selftest.run``)."""
     from torch.utils import cpp_extension
 
+    build_dir = build_dir or default_build_dir()
+    os.makedirs(build_dir, exist_ok=True)
+    _remove_stale_lock(build_dir)
     source_dir = os.path.join(build_dir, "src")
     sources = write_sources(source_dir)
     return cpp_extension.load(

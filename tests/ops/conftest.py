@@ -81,7 +81,7 @@ def cuda_emulation():
     if missing is not None:
         pytest.skip(f"{missing}: the CUDA emulation cannot be built (these tests did NOT run)")
     cuda_library.install(EMULATION, "CPU")  # the schemas, fakes and formulas the real extension gets
-    emulation.build(os.path.join(emulation.ROOT, "build", "cuda_emulation"))
+    emulation.build()
     return torch.ops.mae_fast_emu
 
 
