@@ -57,11 +57,18 @@ IN_PYTORCH = {
 }
 
 
+_installed: set[tuple[str, str]] = set()
+
+
 def install(namespace: str, dispatch_key: str) -> None:
-    """Define the CUDA backend's primitives under ``namespace``; the PyTorch-written ones run for ``dispatch_key``."""
+    """Define the CUDA backend's primitives under ``namespace``; the PyTorch-written ones run for ``dispatch_key``.
+    Idempotent: a second call (another test module asking for the emulation) changes nothing."""
     library = primitives.install(namespace, COMPILED + tuple(IN_PYTORCH))
+    if (namespace, dispatch_key) in _installed:
+        return
     for name, fn in IN_PYTORCH.items():
         library.impl(name, fn, dispatch_key)
+    _installed.add((namespace, dispatch_key))
 
 
 _extension.load()  # the extension's kernels register for CUDA first; the schemas come next
