@@ -32,18 +32,10 @@ CUDA_OP_MODULES = ("patchify", "patch_embed", "unshuffle", "loss", "masking", "a
 
 
 @pytest.fixture
-def resolved(monkeypatch):
-    """Records the backend dispatch.resolve picks for each op."""
-    picks: list[tuple[str, str]] = []
-    original = dispatch.resolve
-
-    def recording(op, backend, *args):
-        chosen = original(op, backend, *args)
-        picks.append((op, chosen))
-        return chosen
-
-    monkeypatch.setattr(dispatch, "resolve", recording)
-    return picks
+def resolved():
+    """The (op, backend) of every op the test resolves (dispatch.recording)."""
+    with dispatch.recording() as picks:
+        yield picks
 
 
 @pytest.mark.parametrize("backend", ["cuda", "auto"])
