@@ -62,7 +62,7 @@ LOSS_SHAPES = [  # (B, C, H, W, p); the last five: p = 14 / 8 / 4 / 16, batch 1,
 
 # --- what the tests run on ------------------------------------------------------------------------------
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "torch", "triton", "cuda")
 NAMESPACES = (triton_library.NAMESPACE, "mae_fast_emu", cuda_library.NAMESPACE)
 EMULATION = "mae_fast_emu"
 
