@@ -5,6 +5,12 @@
 // shared memory, fp32), compared with pred, and d loss / d pred written right away. Patches with
 // mask == 0 contribute nothing and are not read. All reductions run in a fixed order (warp shuffles, one
 // final single-block sum): the result is bitwise reproducible.
+//
+// The saved gradient: for float and bfloat16 the final d loss / d pred for an upstream gradient of 1
+// (2 * mask * (pred - target) / (N * mask_sum)). For half that product is often subnormal (residuals of
+// 1e-2 over 196 patches of 768 values) and is rounded or flushed before a GradScaler's factor could lift
+// it, so half saves the O(1) residual mask * (pred - target) and the backward primitives (cuda/_library.py)
+// apply 2 * grad_loss / (N * mask_sum) in fp32, as the Triton kernel does.
 #include "dispatch.h"
 #include "ops.h"
 
@@ -12,6 +18,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace mae_fast {
 namespace {
@@ -85,7 +92,8 @@ __global__ void masked_mse_patch_kernel(const P* __restrict__ pred, const I* __r
       const float var = warp_sum(sq) / (n - 1.f);
       inv_std = 1.f / sqrtf(var + eps);
     }
-    const float grad_scale = 2.f * weight / (n * mask_sum[0]);
+    constexpr bool kSavesResidual = std::is_same_v<P, at::Half>;
+    const float grad_scale = kSavesResidual ? weight : 2.f * weight / (n * mask_sum[0]);
     const P* pred_row = pred + patch * g.patch_numel;
     float err = 0.f;
     for (int64_t e = lane; e < g.patch_numel; e += 32) {

@@ -68,21 +68,8 @@ def assert_grad_close(grad, exact, ulps: float = 1.0):
     torch.testing.assert_close(grad.cpu().double(), exact.cpu(), rtol=ulps * max(info.eps, 1e-5), atol=atol)
 
 
-def grad_ulps(kernels: str, dtype: torch.dtype, upstream: float) -> float:
-    """The ulps a gradient scaled by ``upstream`` may be off by: one, but for the CUDA kernels' float16, whose
-    forward saves the gradient pre-scaled for an upstream gradient of 1 (rounded, often subnormal), so
-    that the scaling multiplies that rounding error (see test_float16_gradient_survives_a_grad_scaler)."""
-    cuda_kernels = kernels in ("cuda", "mae_fast", "mae_fast_emu")
-    return max(1.0, abs(upstream)) if cuda_kernels and dtype == torch.float16 else 1.0
-
-
 def assert_loss_close(loss, exact):
     torch.testing.assert_close(loss.double(), exact, rtol=2e-5, atol=0)
-
-
-def saves_residual(ns, dtype) -> bool:
-    """Whether the namespace's forward saves a residual rather than the final gradient (Triton's float16)."""
-    return ns.triton and masked_mse.saves_residual(dtype)
 
 
 # --- the public op, on every backend ---------------------------------------------------------------------
@@ -104,7 +91,7 @@ def test_masked_mse_loss_forward_backward(backend, shape, dtype, norm_pix):
     assert loss.dtype == torch.float32 and loss.shape == ()
     torch.testing.assert_close(loss.double(), exact_loss, rtol=1e-5, atol=1e-6)
     (loss * 3).backward()
-    assert_grad_close(leaf.grad, exact_grad, grad_ulps(backend.name, dtype, 3.0))
+    assert_grad_close(leaf.grad, exact_grad)
     again = ops.masked_mse_loss(pred, imgs, mask, p, norm_pix, backend=backend.name)
     assert torch.equal(again, loss.detach()), "the loss must be bitwise reproducible"
     if backend.name == "cuda" and refused("triton", "masked_mse_loss", pred, imgs, mask, p, norm_pix, 1e-6) is None:
@@ -119,7 +106,7 @@ def check_public_loss(backend: str, pred, imgs, mask, p, upstream=1.0):
     loss = ops.masked_mse_loss(leaf, imgs, mask, p, backend=backend)
     (loss if upstream == 1.0 else loss * upstream).backward()
     assert_loss_close(loss, exact_loss)
-    assert_grad_close(leaf.grad, exact_grad, grad_ulps(backend, pred.dtype, upstream))
+    assert_grad_close(leaf.grad, exact_grad)
 
 
 @pytest.mark.parametrize("imgs_dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -242,7 +229,7 @@ def test_independent_passes_accumulate_into_the_leaf_grad(backend, dtype):
         single = pred.clone().requires_grad_()
         (ops.masked_mse_loss(single, pass_imgs, pass_mask, 4, backend=backend.name) * upstream).backward()
         exact_grad = exact_loss_and_grad(pred, pass_imgs, pass_mask, 4, True, upstream)[1]
-        assert_grad_close(single.grad, exact_grad, grad_ulps(backend.name, dtype, upstream))
+        assert_grad_close(single.grad, exact_grad)
         expected = single.grad if expected is None else expected + single.grad
     assert torch.equal(leaf.grad, expected)
 
@@ -367,7 +354,7 @@ def test_loss_primitives_and_the_backward_rules(ns, shape, dtype, norm_pix):
     torch.testing.assert_close(loss.double(), exact_loss, rtol=1e-5, atol=1e-6)
     assert mask_sum.shape == () and mask_sum.item() == mask.sum().item()
     assert saved_grad.dtype == dtype and saved_grad.is_contiguous() and saved_grad.shape == pred.shape
-    if not saves_residual(ns, dtype):  # the forward's buffer is already the gradient for grad_loss 1
+    if not masked_mse.saves_residual(dtype):  # the forward's buffer is already the gradient for grad_loss 1
         assert_grad_close(saved_grad, exact_grad)
     for upstream in UPSTREAM_GRADS:
         grad_loss = torch.tensor(upstream, device=ns.device)
@@ -375,7 +362,7 @@ def test_loss_primitives_and_the_backward_rules(ns, shape, dtype, norm_pix):
         in_place = saved_grad.clone()
         ns.ops.masked_mse_loss_backward_(in_place, grad_loss, mask_sum)
         for grad in (out_of_place, in_place):
-            assert_grad_close(grad, exact_grad * upstream, grad_ulps(ns.name, dtype, upstream))
+            assert_grad_close(grad, exact_grad * upstream)
     assert ns.ops.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6, False)[1].shape == (0,)
     again = ns.ops.masked_mse_loss(pred, imgs, mask, p, norm_pix, 1e-6, True)[0]
     assert torch.equal(again, loss), "the loss must be bitwise reproducible"
@@ -395,19 +382,11 @@ def test_unit_upstream_gradient_hands_out_the_forward_buffer(ns):
 
 
 @pytest.mark.primitives(*PRIMITIVES)
-def test_float16_gradient_survives_a_grad_scaler(ns, request):
+def test_float16_gradient_survives_a_grad_scaler(ns):
     """float16 pred close to its target (small residuals) and the upstream gradient of a GradScaler: the
-    gradient, several times the smallest fp16 normal once scaled, stays within one ulp. A forward that saves
-    the gradient for an upstream gradient of 1 rounds it in fp16's subnormal range first (or flushes it to
-    0) and the scaling cannot bring the lost bits back; Triton saves the O(1) residual instead."""
-    if not ns.triton:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="csrc/masked_mse_loss.cu saves the float16 gradient pre-scaled by 2 / (N * mask_sum): "
-                "subnormal in fp16, rounded or flushed before the upstream gradient scales it",
-            )
-        )
+    gradient, several times the smallest fp16 normal once scaled, stays within one ulp. A forward that saved
+    the gradient for an upstream gradient of 1 would round it in fp16's subnormal range first (or flush it
+    to 0) and the scaling could not bring the lost bits back; the kernels save the O(1) residual instead."""
     b, c, p, grid = 2, 3, 4, 4
     imgs = torch.rand(b, c, grid * p, grid * p, device=ns.device)
     target = reference.patchify(imgs, p)
@@ -428,12 +407,12 @@ def test_opcheck(ns, dtype):
     opcheck's autograd check backpropagates an upstream gradient of 1 through the forward, then compares
     the op's outputs with AOTAutograd's. The eager backward hands out the op's second output (saved_grad)
     scaled in place, so that comparison holds where the factor is then 1 and the values stay (the final
-    gradient is saved). Where the buffer is a residual (Triton's fp16: factor 2 / (N * mask_sum)) the
+    gradient is saved). Where the buffer is a residual (fp16: factor 2 / (N * mask_sum)) the
     forward is checked without autograd, and both backward ops directly, as for every dtype.
     """
     pred, imgs, mask = loss_inputs(2, 3, 4, 2, 3, dtype, ns.device)
     op = ns.ops.masked_mse_loss.default
-    with_autograd = not saves_residual(ns, dtype)
+    with_autograd = not masked_mse.saves_residual(dtype)
     torch.library.opcheck(op, (pred.clone().requires_grad_(with_autograd), imgs, mask, 4, True, 1e-6, True))
     torch.library.opcheck(op, (pred, imgs, mask, 4, True, 1e-6, False))
     _, saved_grad, mask_sum = op(pred, imgs, mask, 4, False, 1e-6, True)

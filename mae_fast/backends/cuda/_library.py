@@ -41,13 +41,28 @@ def _pos_grad(grad, ids_keep, num_patches):
     return rows.index_add_(0, ids_keep.reshape(-1).long(), grad.reshape(-1, grad.shape[2]).float())
 
 
+def _loss_gradient_factor(grad_loss, saved_grad, mask_sum):
+    """What saved_grad is multiplied by: the upstream gradient, and for float16, whose forward saves the
+    O(1) residual mask * (pred - target) (csrc/masked_mse_loss.cu), also 2 / (N * mask_sum), in fp32."""
+    if saved_grad.dtype != torch.float16:
+        return grad_loss
+    return grad_loss.float() * 2.0 / (saved_grad.shape[-1] * mask_sum)
+
+
 def _loss_backward(grad_loss, saved_grad, mask_sum):
-    """The kernel saved the final gradient for an upstream gradient of 1: scale it by the upstream gradient."""
-    return (saved_grad * grad_loss).contiguous()
+    """pred's gradient out of place: saved_grad scaled by the factor above (fp16: in fp32, rounded once)."""
+    factor = _loss_gradient_factor(grad_loss, saved_grad, mask_sum)
+    if saved_grad.dtype == torch.float16:
+        return (saved_grad.float() * factor).to(torch.float16).contiguous()
+    return (saved_grad * factor).contiguous()
 
 
 def _loss_backward_in_place(saved_grad, grad_loss, mask_sum):
-    saved_grad.mul_(grad_loss)
+    factor = _loss_gradient_factor(grad_loss, saved_grad, mask_sum)
+    if saved_grad.dtype == torch.float16:
+        saved_grad.copy_(saved_grad.float() * factor)
+    else:
+        saved_grad.mul_(factor)
 
 
 IN_PYTORCH = {
