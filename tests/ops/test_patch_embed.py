@@ -220,8 +220,8 @@ def test_patch_embed_gather_gradients_through_the_autograd_formula(ns):
 
 @pytest.mark.primitives("patch_embed_pos_grad")
 def test_patch_embed_pos_grad(ns):
-    """Rows share table positions: the per-row sum over the batch; the Triton kernel's and the emulation's
-    are bit-identical run to run (the CUDA backend's is an index_add_, with atomics on a GPU)."""
+    """Rows share table positions: the per-row sum over the batch, bit-identical run to run in every
+    namespace (no atomics over the batch: the CUDA backend adds per image, then sums the batch)."""
     grad = torch.randn(5, 7, 40, device=ns.device)
     ids = random_ids(5, 9, 7, ns.device)
     first = ns.ops.patch_embed_pos_grad(grad, ids, 9)
@@ -229,8 +229,18 @@ def test_patch_embed_pos_grad(ns):
         0, ids.flatten(), grad.double().flatten(0, 1)
     )
     torch.testing.assert_close(first.double(), expected, rtol=1e-6, atol=1e-6)
-    if ns.name != "mae_fast":
-        assert torch.equal(first, ns.ops.patch_embed_pos_grad(grad, ids, 9))
+    assert torch.equal(first, ns.ops.patch_embed_pos_grad(grad, ids, 9))
+
+
+@pytest.mark.primitives("patch_embed_pos_grad")
+@pytest.mark.namespaces("mae_fast_emu", "mae_fast")  # the Triton kernel needs distinct ids (no atomics)
+def test_patch_embed_pos_grad_sums_repeated_ids(ns):
+    grad = torch.randn(2, 4, 8, device=ns.device)
+    ids = torch.tensor([[3, 3, 0, 3], [1, 0, 1, 2]], device=ns.device)
+    expected = torch.zeros(5, 8, dtype=torch.float64, device=ns.device).index_add_(
+        0, ids.flatten(), grad.double().flatten(0, 1)
+    )
+    torch.testing.assert_close(ns.ops.patch_embed_pos_grad(grad, ids, 5).double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def _opcheck_cases(device):

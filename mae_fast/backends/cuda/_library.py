@@ -36,9 +36,15 @@ SCATTER_LIMITS = {"patches": 4096, "kept": 4096, "batch": 65535}
 
 
 def _pos_grad(grad, ids_keep, num_patches):
-    """[num_patches, D] fp32: per position row, the sum over the batch of the rows ids_keep names."""
-    rows = torch.zeros(num_patches, grad.shape[2], device=grad.device, dtype=torch.float32)
-    return rows.index_add_(0, ids_keep.reshape(-1).long(), grad.reshape(-1, grad.shape[2]).float())
+    """[num_patches, D] fp32: per position row, the sum over the batch of the rows ids_keep names.
+
+    Each image's rows are added into its own [num_patches, D] slice, then the batch is summed in a fixed
+    order: bitwise reproducible on a GPU where ids within a row are distinct (as random_masking gives;
+    repeats are summed too), unlike one index_add_ over the batch, whose atomics add in a varying order."""
+    batch, kept, dim = grad.shape
+    rows = torch.zeros(batch, num_patches, dim, device=grad.device, dtype=torch.float32)
+    rows.scatter_add_(1, ids_keep.long().unsqueeze(-1).expand(batch, kept, dim), grad.float())
+    return rows.sum(0)
 
 
 def _loss_gradient_factor(grad_loss, saved_grad, mask_sum):
