@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -285,6 +286,13 @@ def default_img_size(config, model_img_size: int) -> int:
     return 28 if config.data == "fashion-mnist" else model_img_size
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM / SIGINT: a signal to the whole process group (a batch scheduler,
+    Ctrl-C) then reaches the main process alone, which checkpoints and stops the workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_train_data(config, img_size: int, num_patches: int, world_size: int, rank: int, device) -> TrainData:
     """The training stream of ``config`` for this rank (micro-batches of config.micro_batch(world_size))."""
     micro_batch = config.micro_batch(world_size)
@@ -312,6 +320,7 @@ def build_train_data(config, img_size: int, num_patches: int, world_size: int, r
         drop_last=True,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
     )
     return TrainData(loader, sampler, steps, source.in_chans, img_size, source)
 
