@@ -7,6 +7,7 @@ when ``MAE_FAST_CHECK_INDICES=1``: on a GPU they would stall the stream every st
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -43,11 +44,44 @@ def positive_int(value, name: str) -> int:
     return value
 
 
+def non_negative_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+def positive_finite(value, name: str) -> float:
+    """A Python number in (0, inf): NaN, inf, zero, negatives, bools and tensors are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return float(value)
+
+
+def flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def int_pair(value, name: str) -> tuple[int, int]:
+    """(h, w) of positive ints, from a pair (tuple or list) of them."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (h, w) of positive ints, got {value!r}")
+    for part in value:
+        if isinstance(part, bool) or not isinstance(part, int) or part < 1:
+            raise ValueError(f"{name} must be a pair (h, w) of positive ints, got {value!r}")
+    return value[0], value[1]
+
+
 def images(imgs, patch_size: int, name: str = "imgs") -> tuple[int, int, int, int]:
     """imgs [B, C, H, W] floating point with H and W divisible by patch_size; returns (B, C, gh, gw)."""
     tensor(imgs, name, 4, FLOAT_DTYPES)
     positive_int(patch_size, "patch_size")
     b, c, h, w = imgs.shape
+    if not (c and h and w):
+        raise ValueError(f"{name} must have at least one channel, row and column, got shape {tuple(imgs.shape)}")
     if h % patch_size or w % patch_size:
         raise ValueError(f"{name} height and width must be divisible by patch_size={patch_size}, got {h}x{w}")
     if b == 0:
@@ -76,6 +110,22 @@ def indices(ids, name: str, batch: int, upper: int, length: int | None = None) -
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= upper:
             raise ValueError(f"{name} values must lie in [0, {upper}), got values in [{low}, {high}]")
+
+
+def mask_weights(mask: torch.Tensor, name: str = "mask") -> None:
+    """A loss mask: bool, integer or floating point (complex is refused), and, where the values can be read
+    without a device sync (:func:`host_checks_enabled`), finite and >= 0 (1 = removed, 0 = kept; other
+    non-negative values weight a patch) with a positive sum, so the mean over removed patches exists."""
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool, integer or floating point, got {mask.dtype}")
+    if mask.numel() == 0 or not host_checks_enabled(mask):
+        return
+    values = mask.double() if mask.is_floating_point() else mask.long()
+    if not bool(values.isfinite().all()) or bool((values < 0).any()):
+        low, high = values.min().item(), values.max().item()
+        raise ValueError(f"{name} values must be finite and >= 0 (1 = removed), got values in [{low}, {high}]")
+    if not bool(values.sum() > 0):
+        raise ValueError(f"{name} removes no patch (its sum is 0): the loss over removed patches is undefined")
 
 
 def mask_ratio(value) -> float:

@@ -33,7 +33,8 @@ def visible_attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v; q, k, v [B, N, H, d], or packed [T, H, d] with int32 cu_seqlens [S+1].
 
-    scale defaults to d ** -0.5. ``max_seqlen`` (packed only) is the longest sequence, a Python int.
+    scale defaults to d ** -0.5; given, it must be a positive finite number. ``max_seqlen`` (packed
+    only) is the longest sequence, a Python int.
     Returns the layout and dtype of q (fp32/fp16/bf16 on the Triton backend, fp32 accumulation).
     """
     _validate.tensor(q, "q", (3, 4), _validate.FLOAT_DTYPES)
@@ -64,7 +65,7 @@ def qkv_attention(
     """Attention straight from the qkv Linear output: [B, N, 3*H*d] -> [B, N, H*d], or packed [T, 3*H*d] with
     int32 cu_seqlens [S+1] -> [T, H*d]. The last dim holds (3, H, d) in that order (timm and the MAE release).
 
-    scale defaults to d ** -0.5; ``max_seqlen`` as in :func:`visible_attention`.
+    scale defaults to d ** -0.5 (else a positive finite number); ``max_seqlen`` as in :func:`visible_attention`.
     """
     _validate.tensor(qkv, "qkv", (2, 3), _validate.FLOAT_DTYPES)
     _validate.positive_int(num_heads, "num_heads")
@@ -124,11 +125,12 @@ def longest(cu_seqlens: torch.Tensor) -> int:
 
 
 def _scale(scale, head_dim: int) -> float:
+    """The softmax scale: head_dim ** -0.5 for None, else a positive finite Python number."""
+    if head_dim < 1:
+        raise ValueError(f"head_dim (the last dimension of q, k, v) must be at least 1, got {head_dim}")
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
+    return _validate.positive_finite(scale, "scale")
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,9 +29,15 @@ def masked_mse_loss(
     """0-d fp32 loss: pred [B, L, p*p*C] against patchify(imgs [B, C, H, W]), mask [B, L] (1 = removed).
 
     With norm_pix, each target patch is (t - mean) / sqrt(var + eps) with the unbiased variance; the
-    per-patch MSE is averaged over the patches with mask == 1. The compiled backends compute pred's
-    gradient in the forward and their backward hands that buffer out, so they backpropagate once per
-    forward: a second backward through the same graph (retain_graph=True) raises; "reference" allows it.
+    per-patch MSE is averaged over the patches with mask == 1 (other non-negative values weight a patch:
+    sum(per_patch * mask) / sum(mask)). A complex mask is a TypeError. A mask with a negative, NaN or inf
+    value, or one that removes nothing (sum 0, whose mean is undefined), is a ValueError where the check
+    needs no device sync: CPU tensors outside torch.compile, or any device with MAE_FAST_CHECK_INDICES=1
+    (on a GPU it would stall the stream every step; there such a mask gives NaN or inf).
+
+    The compiled backends compute pred's gradient in the forward and their backward hands that buffer
+    out, so they backpropagate once per forward: a second backward through the same graph
+    (retain_graph=True) raises; "reference" allows it.
     """
     b, c, gh, gw = _validate.images(imgs, patch_size)
     _validate.tensor(pred, "pred", 3, _validate.FLOAT_DTYPES)
@@ -41,11 +47,12 @@ def masked_mse_loss(
     _validate.tensor(mask, "mask", 2)
     if tuple(mask.shape) != expected[:2]:
         raise ValueError(f"mask must have shape {list(expected[:2])}, got {tuple(mask.shape)}")
+    _validate.flag(norm_pix, "norm_pix")
     if norm_pix and patch_size * patch_size * c < 2:
         raise ValueError("norm_pix needs at least 2 values per patch for the unbiased variance")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps!r}")
+    _validate.positive_finite(eps, "eps")
     _validate.same_device(pred=pred, imgs=imgs, mask=mask)
+    _validate.mask_weights(mask)
     return dispatch.dispatch("masked_mse_loss", pred, imgs, mask, patch_size, norm_pix, eps, backend=backend)
 
 

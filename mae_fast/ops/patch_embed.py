@@ -32,6 +32,8 @@ def patch_embed_gather(
     dim, channels, p, q = weight.shape
     if p != q:
         raise ValueError(f"weight must hold square patches [D, C, p, p], got shape {tuple(weight.shape)}")
+    if not (dim and channels and p):
+        raise ValueError(f"weight [D, C, p, p] must have no zero dimension, got shape {tuple(weight.shape)}")
     b, c, gh, gw = _validate.images(imgs, p)
     if c != channels:
         raise ValueError(f"imgs has {c} channels but weight expects {channels} (weight shape {tuple(weight.shape)})")

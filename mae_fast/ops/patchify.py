@@ -22,10 +22,17 @@ def patchify(imgs: torch.Tensor, patch_size: int, backend: str | None = None) ->
 def unpatchify(
     x: torch.Tensor, patch_size: int, grid_size: tuple[int, int], backend: str | None = None
 ) -> torch.Tensor:
-    """[B, L, p*p*C] -> [B, C, gh*p, gw*p], the inverse of :func:`patchify`; differentiable."""
+    """[B, L, p*p*C] -> [B, C, gh*p, gw*p], the inverse of :func:`patchify`; differentiable.
+
+    grid_size is the pair (gh, gw) of positive ints with gh * gw = L.
+    """
     _validate.tensor(x, "x", 3, _validate.FLOAT_DTYPES)
     _validate.positive_int(patch_size, "patch_size")
-    gh, gw = grid_size
+    gh, gw = _validate.int_pair(grid_size, "grid_size")
+    if x.shape[0] == 0:
+        raise ValueError(f"x must hold at least one image, got shape {tuple(x.shape)}")
+    if x.shape[2] == 0:
+        raise ValueError(f"x must hold at least one value per patch, got shape {tuple(x.shape)}")
     if x.shape[1] != gh * gw:
         raise ValueError(f"x has {x.shape[1]} patches but grid_size {tuple(grid_size)} needs {gh * gw}")
     if x.shape[2] % (patch_size * patch_size):
