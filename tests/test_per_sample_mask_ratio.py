@@ -31,9 +31,12 @@ def _per_sample_and_alone(model, imgs, ratios, noise):
     total = float(removed.sum())
     alone = []
     for b, ratio in enumerate(ratios.tolist()):
-        loss_b, pred_b, mask_b = model(imgs[b : b + 1], mask_ratio=ratio, noise=noise[b : b + 1])
-        if removed[b]:  # an image with nothing removed has a 0/0 loss of its own and weight 0 in the batch
+        if removed[b]:
+            loss_b, pred_b, mask_b = model(imgs[b : b + 1], mask_ratio=ratio, noise=noise[b : b + 1])
             (loss_b * float(removed[b]) / total).backward()  # the batch loss is the mask-weighted mean
+        else:  # nothing removed: no loss of its own (model() refuses the ratio), weight 0 in the batch
+            latent, mask_b, ids_restore = model.forward_encoder(imgs[b : b + 1], ratio, noise[b : b + 1])
+            loss_b, pred_b = torch.tensor(float("nan")), model.forward_decoder(latent, ids_restore)
         alone.append((loss_b.detach(), pred_b.detach(), mask_b))
     return (loss.detach(), pred.detach(), mask, batch_grads), alone, _grads(model), removed
 

@@ -13,11 +13,42 @@ from mae_fast.nn import Block, MaskedReconstructionLoss, PatchEmbedGather
 from mae_fast.ops import _validate
 
 
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    h, w = value
-    return int(h), int(w)
+def _img_size(value) -> tuple[int, int]:
+    """img_size as (H, W): a positive int for square images, or a pair of positive ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        _validate.positive_int(value, "img_size")
+        value = (value, value)
+    return _validate.int_pair(value, "img_size")
+
+
+def _check_arguments(
+    patch_size, in_chans, embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio
+) -> None:
+    """ValueError naming the first constructor argument out of its range."""
+    for name, value in (
+        ("patch_size", patch_size),
+        ("in_chans", in_chans),
+        ("embed_dim", embed_dim),
+        ("num_heads", num_heads),
+        ("decoder_embed_dim", decoder_embed_dim),
+        ("decoder_num_heads", decoder_num_heads),
+    ):
+        _validate.positive_int(value, name)
+    _validate.non_negative_int(depth, "depth")
+    _validate.non_negative_int(decoder_depth, "decoder_depth")
+    for width_name, width, heads_name, heads in (
+        ("embed_dim", embed_dim, "num_heads", num_heads),
+        ("decoder_embed_dim", decoder_embed_dim, "decoder_num_heads", decoder_num_heads),
+    ):
+        if width % heads:
+            raise ValueError(
+                f"{width_name}={width} must be a multiple of {heads_name}={heads} (head_dim = {width_name} / "
+                f"{heads_name} must be a positive int)"
+            )
+    _validate.positive_finite(mlp_ratio, "mlp_ratio")
+    narrowest = min(embed_dim, decoder_embed_dim)
+    if int(narrowest * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio={mlp_ratio} gives an MLP with no hidden unit at width {narrowest}")
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -46,13 +77,19 @@ class MaskedAutoencoderViT(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        self.img_size = _pair(img_size)
-        for name, value in (("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim)):
-            _validate.positive_int(value, name)
+        self.img_size = _img_size(img_size)
+        _check_arguments(
+            patch_size, in_chans, embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads,
+            mlp_ratio,
+        )
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size={patch_size}")
+        _validate.flag(norm_pix_loss, "norm_pix_loss")
         dispatch.validate_backend(backend)
-        eps = layer_norm_eps if layer_norm_eps is not None else norm_layer(1).eps
+        if layer_norm_eps is None:
+            eps = _validate.positive_finite(norm_layer(1).eps, "norm_layer's eps")
+        else:
+            eps = _validate.positive_finite(layer_norm_eps, "layer_norm_eps")
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
@@ -141,7 +178,14 @@ class MaskedAutoencoderViT(nn.Module):
         return reference.gather_tokens(x, ids_keep), mask, ids_restore
 
     def _check_images(self, imgs) -> None:
+        """imgs [B, C, H, W] of this model's channels and size, and of its dtype unless autocast casts them."""
         _validate.tensor(imgs, "imgs", 4, _validate.FLOAT_DTYPES)
+        model_dtype = self.patch_embed.proj.weight.dtype
+        if imgs.dtype != model_dtype and not torch.is_autocast_enabled(imgs.device.type):
+            raise ValueError(
+                f"imgs is {imgs.dtype} but the model's parameters are {model_dtype}: pass imgs.to({model_dtype}), "
+                "convert the model, or run under torch.autocast"
+            )
         if imgs.shape[1] != self.in_chans:
             raise ValueError(f"imgs must have {self.in_chans} channels, got shape {tuple(imgs.shape)}")
         if tuple(imgs.shape[2:]) != self.img_size:
@@ -180,16 +224,30 @@ class MaskedAutoencoderViT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (loss, pred [B, L, p*p*C], mask [B, L]); ``noise`` [B, L] fixes the mask.
 
+        A float ``mask_ratio`` must remove at least one patch and keep at least one: it lies in
+        (0, 1 - 1/L] up to rounding (K = int(L * (1 - mask_ratio)) must be in [1, L - 1]).
         ``mask_ratio`` may also be a float tensor [B] of per-sample ratios: image b keeps
         int(L * (1 - mask_ratio[b])) patches, the encoder runs on the packed sequences (cls + the kept
         tokens of each image, cu_seqlens) and the loss stays sum(per_patch * mask) / sum(mask) over the batch.
         """
         if isinstance(mask_ratio, torch.Tensor):
             return self._forward_per_sample(imgs, mask_ratio, noise)
+        kept = reference.num_kept(self.num_patches, _validate.mask_ratio(mask_ratio))
+        if not 1 <= kept < self.num_patches:
+            kept_words = "no patch" if kept < 1 else f"all {kept} patches"
+            raise ValueError(self._mask_ratio_range(f"mask_ratio={mask_ratio} keeps {kept_words}"))
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
+
+    def _mask_ratio_range(self, what: str) -> str:
+        """The message for a ratio that keeps every patch (the loss has nothing to average) or none."""
+        length = self.num_patches
+        return (
+            f"{what} of {length}: the loss needs at least one removed and one kept patch, so mask_ratio must lie "
+            f"in (0, 1 - 1/{length}] = (0, {1 - 1 / length:.6g}] for this model"
+        )
 
     # --- per-sample mask ratios: the encoder on packed variable-length sequences ------------------------
 
@@ -216,6 +274,8 @@ class MaskedAutoencoderViT(nn.Module):
         self._check_images(imgs)
         batch, device = imgs.shape[0], imgs.device
         kept, smallest_ratio = self._kept_per_sample(mask_ratio, batch)
+        if min(kept) == self.num_patches:
+            raise ValueError(self._mask_ratio_range(f"mask_ratio={mask_ratio.tolist()} keeps all patches"))
         most = max(kept)
         # One shuffle for the whole batch (the same ids as masking each image alone); image b keeps the
         # first K_b patches of its shuffle, so the patches are embedded for the longest K and the extra
