@@ -6,11 +6,12 @@ none of those modules has to import another to get them.
 
 from __future__ import annotations
 
-import os
+import argparse
 
 import torch
 
-from mae_fast.models import create_model, load_checkpoint
+from mae_fast.models import create_model, list_models, load_checkpoint
+from mae_fast.models.checkpoint import read_checkpoint_file
 from mae_fast.train import data
 from mae_fast.train.config import TrainConfig
 
@@ -22,7 +23,7 @@ def resolve_device(config: TrainConfig) -> torch.device:
 
 
 def data_in_chans(config: TrainConfig) -> int:
-    return 1 if config.data == "fashion-mnist" else 3
+    return config.data_channels()
 
 
 def build_model(config: TrainConfig, device: torch.device):
@@ -44,15 +45,16 @@ def build_model(config: TrainConfig, device: torch.device):
 
 
 def model_from_checkpoint(path: str, random_init: bool = False):
-    """(model on the CPU, TrainConfig) from a training checkpoint or an export of ``mae-fast pretrain``.
+    """(model on the CPU, TrainConfig) from a training checkpoint or an export of ``mae-fast pretrain``, or
+    a full checkpoint of the MAE release (its ``args`` Namespace names the model, image size and mask ratio).
 
     ``random_init=True`` returns the same architecture at the run's initialisation (same seed), the
     baseline the pretrained encoder is compared with.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint_file(path)
     values = state.get("config") or state.get("args")
+    if isinstance(values, argparse.Namespace):
+        values = _release_settings(path, vars(values))
     if not isinstance(values, dict):
         raise ValueError(f"{path} holds no run config ('config' or 'args'): was it written by mae-fast pretrain?")
     config = TrainConfig.from_dict({**values, "device": "cpu", "backend": "auto"})
@@ -60,6 +62,23 @@ def model_from_checkpoint(path: str, random_init: bool = False):
     if not random_init:
         load_checkpoint(model, state)
     return model.eval(), config
+
+
+def _release_settings(path: str, args: dict) -> dict:
+    """The TrainConfig fields of the release's training ``args`` (an ImageNet run of a named model)."""
+    missing = [name for name in ("model", "input_size", "mask_ratio", "norm_pix_loss") if name not in args]
+    if missing:
+        raise ValueError(f"{path}: the release's 'args' lack {', '.join(missing)}")
+    if args["model"] not in list_models():
+        raise ValueError(f"{path}: the release's model {args['model']!r} is none of {', '.join(list_models())}")
+    return {
+        "model": args["model"],
+        "img_size": args["input_size"],
+        "mask_ratio": args["mask_ratio"],
+        "norm_pix_loss": args["norm_pix_loss"],
+        "data": "imagefolder",
+        "data_path": args.get("data_path"),
+    }
 
 
 def normalisation(config: TrainConfig) -> tuple[tuple, tuple]:
