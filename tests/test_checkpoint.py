@@ -1,10 +1,18 @@
-"""load_checkpoint: release layouts (full, encoder-only, wrapped, file), mismatches named by key."""
+"""load_checkpoint: release layouts (full, encoder-only, wrapped, file), mismatches named by key; unreadable
+files named by every reader; the release's argparse.Namespace allowed, no other code."""
+
+import argparse
+import fractions
+import os
 
 import pytest
 import torch
 from tiny_models import tiny_mae
 
 from mae_fast import models
+from mae_fast.interop import from_official
+from mae_fast.models.checkpoint import CheckpointReadError
+from mae_fast.train.runmodel import model_from_checkpoint
 
 
 def _tiny(**overrides):
@@ -78,5 +86,56 @@ def test_checkpoint_cannot_run_code(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"model": Payload()}, path)
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(ValueError, match="is not a readable mae_fast/release checkpoint: it needs print to unpickle"):
         models.load_checkpoint(_tiny(), path)
+
+
+def _corrupt(path, kind: str) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write({"empty": b"", "truncated": data[: len(data) // 2], "random": os.urandom(4096)}[kind])
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "random"])
+def test_every_reader_names_an_unreadable_checkpoint(tmp_path, kind):
+    path = str(tmp_path / "checkpoint.pth")
+    torch.save({"model": _tiny().state_dict()}, path)
+    _corrupt(path, kind)
+    message = f"{path} is not a readable mae_fast/release checkpoint: "
+
+    def load_into_tiny(p):
+        return models.load_checkpoint(_tiny(), p)
+
+    for reader in (models.read_state_dict, load_into_tiny, model_from_checkpoint, from_official):
+        with pytest.raises(CheckpointReadError, match=message.replace(".", r"\.")):
+            reader(path)
+
+
+def test_release_training_checkpoint_with_namespace_args_loads(tmp_path):
+    """The release's training checkpoints: 'args' is an argparse.Namespace, plus optimizer and epoch."""
+    model = _tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = str(tmp_path / "checkpoint-799.pth")
+    args = argparse.Namespace(model="mae_vit_base_patch16", input_size=224, mask_ratio=0.75, norm_pix_loss=True)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 799, "args": args}, path)
+    target = _tiny()
+    assert str(models.load_checkpoint(target, path)) == "all keys loaded"
+    torch.testing.assert_close(target.state_dict(), model.state_dict(), rtol=0, atol=0)
+    converted, _ = from_official(path, model=_tiny())
+    torch.testing.assert_close(converted.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
+def test_a_folder_or_a_non_dict_is_named(tmp_path):
+    with pytest.raises(CheckpointReadError, match="not a regular file"):
+        models.read_state_dict(tmp_path)
+    torch.save([torch.ones(2)], tmp_path / "list.pth")
+    with pytest.raises(CheckpointReadError, match="list.pth is not a readable .*: it holds a list, not a dict"):
+        models.read_state_dict(tmp_path / "list.pth")
+
+
+def test_a_pickle_needing_other_code_is_still_refused(tmp_path):
+    path = str(tmp_path / "other.pth")
+    torch.save({"model": _tiny().state_dict(), "args": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(CheckpointReadError, match="needs fractions.Fraction to unpickle"):
+        models.read_state_dict(path)

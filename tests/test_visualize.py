@@ -1,5 +1,8 @@
 """Reconstruction pictures: norm-pix un-normalisation, pasted visible patches, PNG files, the CLI."""
 
+import argparse
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +10,9 @@ from tiny_models import tiny_mae
 from train_helpers import quick_run_config
 
 from mae_fast.cli import main
+from mae_fast.models import create_model
 from mae_fast.train import pretrain
+from mae_fast.train.runmodel import model_from_checkpoint
 from mae_fast.train.visualize import load_image, reconstruct, save_loss_curve, save_reconstruction_grid
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -81,3 +86,23 @@ def test_visualize_cli_on_image_files(tmp_path, capsys):
     bad.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot read image"):
         load_image(str(bad), 1, 28, (0.0,), (1.0,))
+
+
+def test_release_checkpoint_runs_in_visualize(tmp_path, capsys):
+    """visualize / eval build the model the release's 'args' name, at its image size and mask ratio."""
+    from PIL import Image
+
+    source = create_model("mae_vit_tiny_patch4_32")
+    args = argparse.Namespace(model="mae_vit_tiny_patch4_32", input_size=32, mask_ratio=0.6, norm_pix_loss=False)
+    path = str(tmp_path / "checkpoint-10.pth")
+    torch.save({"model": source.state_dict(), "epoch": 10, "args": args}, path)
+    model, config = model_from_checkpoint(path)
+    assert (config.mask_ratio, config.norm_pix_loss, model.img_size, model.in_chans) == (0.6, False, (32, 32), 3)
+    torch.testing.assert_close(model.state_dict(), source.state_dict(), rtol=0, atol=0)
+    image = str(tmp_path / "cat.png")
+    Image.new("RGB", (40, 36), (10, 200, 30)).save(image)
+    assert main(["visualize", path, image, "--out", str(tmp_path / "grid.png")]) == 0
+    assert "mask ratio 0.6" in capsys.readouterr().out and os.path.getsize(tmp_path / "grid.png") > 1000
+    torch.save({"model": source.state_dict(), "args": argparse.Namespace(model="mae_vit_giant")}, path)
+    with pytest.raises(ValueError, match="the release's 'args' lack input_size, mask_ratio, norm_pix_loss"):
+        model_from_checkpoint(path)

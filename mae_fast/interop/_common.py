@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
 from dataclasses import dataclass, field
 
 import torch
 
 from mae_fast.models import LoadReport, MaskedAutoencoderViT
+from mae_fast.models.checkpoint import read_checkpoint_file
 
 _WRAPPER_KEYS = ("model", "state_dict", "module")
 
@@ -42,25 +41,16 @@ class ConversionReport:
 
 
 def load_file(path: str | os.PathLike) -> dict:
-    """A checkpoint file's content, read with ``torch.load(weights_only=True)`` (or safetensors).
-
-    ``argparse.Namespace`` is allowed, since the release's training checkpoints store their ``args`` as one;
-    anything else that needs code to unpickle is refused with a ValueError.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    """A checkpoint file's content: safetensors, or :func:`mae_fast.models.checkpoint.read_checkpoint_file`
+    (``torch.load(weights_only=True)`` allowing only the release's ``argparse.Namespace``; an unreadable
+    file is a ValueError naming it and the reason)."""
     if str(path).endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
         from safetensors.torch import load_file as load_safetensors
 
         return load_safetensors(str(path), device="cpu")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds objects other than tensors and plain containers; it is not loaded because "
-            f"weights_only=True refuses to run code from a checkpoint ({str(error).splitlines()[0]})"
-        ) from error
+    return read_checkpoint_file(path)
 
 
 def state_dict_from(path_or_state) -> dict[str, torch.Tensor]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
+import re
+import stat
 from dataclasses import dataclass, field
 
 import torch
@@ -37,15 +41,57 @@ class LoadReport:
         return "; ".join(lines) or "all keys loaded"
 
 
-def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
-    """A state_dict from a file path or a dict, unwrapping the release's ``{'model': ...}``.
+class CheckpointReadError(ValueError):
+    """A checkpoint file that exists but cannot be read (empty, truncated, another format, or code)."""
 
-    Files are read with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path} is not a readable mae_fast/release checkpoint: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def _unreadable_reason(error: Exception) -> str:
+    message = str(error)
+    if isinstance(error, EOFError):
+        return "the data ends early (truncated?)"
+    if isinstance(error, RuntimeError) and "zip archive" in message:
+        return "not a complete torch.save archive (truncated, or another format)"
+    if isinstance(error, pickle.UnpicklingError):
+        needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        if needed:
+            return f"it needs {needed.group(1)} to unpickle, and weights_only=True runs no code from a file"
+        return "not torch.save data (unreadable pickle)"
+    return f"not torch.save data ({type(error).__name__}: {message.splitlines()[0] if message else 'no detail'})"
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> dict:
+    """The dict a checkpoint file holds (a release file, an export or a training checkpoint of mae_fast).
+
+    Read with ``torch.load(weights_only=True)`` (a checkpoint cannot run code), allowing only
+    ``argparse.Namespace``, which the release's training checkpoints store their ``args`` in. A missing
+    file raises FileNotFoundError; any file that cannot be read raises :class:`CheckpointReadError`
+    (a ValueError) naming the path and the reason.
     """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CheckpointReadError(path, "not a regular file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointReadError(path, "the file is empty")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for bad bytes; all mean "unreadable"
+        raise CheckpointReadError(path, _unreadable_reason(error)) from error
+    if not isinstance(state, dict):
+        raise CheckpointReadError(path, f"it holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def read_state_dict(path_or_state) -> dict[str, torch.Tensor]:
+    """A state_dict from a file path (:func:`read_checkpoint_file`) or a dict, unwrapping the release's
+    ``{'model': ...}``."""
     if isinstance(path_or_state, (str, os.PathLike)):
-        if not os.path.isfile(path_or_state):
-            raise FileNotFoundError(f"checkpoint file not found: {path_or_state}")
-        state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+        state = read_checkpoint_file(path_or_state)
     elif isinstance(path_or_state, dict):
         state = path_or_state
     else:
