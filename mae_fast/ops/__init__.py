@@ -9,6 +9,7 @@ from mae_fast.ops.loss import masked_mse_loss
 from mae_fast.ops.masking import random_masking
 from mae_fast.ops.patch_embed import patch_embed_gather
 from mae_fast.ops.patchify import patchify, patchify_gather, unpatchify
+from mae_fast.ops.resized_crop import resized_crop
 from mae_fast.ops.unshuffle import unshuffle_mask_tokens
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "patchify_gather",
     "qkv_attention",
     "random_masking",
+    "resized_crop",
     "unpatchify",
     "unshuffle_mask_tokens",
     "visible_attention",

@@ -2,4 +2,4 @@
 every float dtype (float64 included), differentiable in every input. Tests compare every other backend
 against it."""
 
-from mae_fast.backends.reference import attention, loss, masking, patch_embed, patchify, unshuffle  # noqa: F401
+from mae_fast.backends.reference import attention, loss, masking, patch_embed, patchify, resized_crop, unshuffle  # noqa: F401

@@ -6,4 +6,4 @@ gives the same result: it gathers only the kept patches before one GEMM, and run
 F.scaled_dot_product_attention (SDPA), whose CPU kernel fuses the softmax. Autograd is PyTorch's own.
 """
 
-from mae_fast.backends.torch import attention, loss, masking, patch_embed, patchify, unshuffle  # noqa: F401
+from mae_fast.backends.torch import attention, loss, masking, patch_embed, patchify, resized_crop, unshuffle  # noqa: F401
