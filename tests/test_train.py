@@ -201,6 +201,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     config = tiny_config(tmp_path, epochs=10_000)
     args = [sys.executable, "-m", "mae_fast", "pretrain", "--data", "imagefolder", "--data-path", config.data_path]
     args += ["--model-kwargs", json.dumps(TINY), "--img-size", "16", "--batch-size", "8", "--epochs", "10000"]
+    args += ["--blr", "1e-2", "--warmup-epochs", "1"]  # tiny_config's, so that the resume below continues this run
     args += ["--num-workers", "0", "--output-dir", config.output_dir, "--log-every", "1", "--no-visualize"]
     args += ["--no-progress", "--device", "cpu"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_subprocess_env())

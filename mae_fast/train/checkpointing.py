@@ -16,9 +16,12 @@ import glob
 import os
 import random
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from mae_fast.models.checkpoint import read_checkpoint_file
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})\.pt$")
 
@@ -78,26 +81,75 @@ def save_checkpoint(state: dict, folder: str, keep_last: int) -> str:
     return path
 
 
+# What an exact resume reads from a checkpoint.
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "micro_batch", "rng", "metrics", "config")
+
+# Config fields a resume may change: where and how the run executes and reports, and how long it goes on.
+# Every other field is fixed by the checkpoint (weights, optimizer and schedule state, data order).
+RESUME_MAY_CHANGE = (
+    "resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "device", "backend", "compile",
+    "precision", "sharding", "nonfinite", "data_path", "log_every", "ckpt_every", "keep_last", "visualize",
+    "num_vis", "progress",
+)  # fmt: skip
+
+
 def load_training_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only``: it cannot run code)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    missing = {"model", "optimizer", "scheduler", "step", "epoch", "micro_batch"} - set(state)
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only``: it cannot run code).
+
+    An unreadable file raises :class:`~mae_fast.models.checkpoint.CheckpointReadError`, one that lacks
+    what a resume needs a ValueError naming the missing keys (both ValueErrors)."""
+    state = read_checkpoint_file(path)
+    missing = [key for key in TRAINING_KEYS if key not in state]
     if missing:
-        raise ValueError(f"{path} is not a training checkpoint (lacks {', '.join(sorted(missing))})")
+        raise ValueError(f"{path} is not a resumable training checkpoint: it lacks {', '.join(map(repr, missing))}")
     return state
 
 
-def resolve_resume(resume: str | None, folder: str) -> str | None:
-    """The checkpoint to resume from: a path, or for "auto" the newest in ``folder`` (None if empty)."""
+@dataclass
+class ResumePoint:
+    """The checkpoint a run continues from; ``skipped`` says why newer ones in the folder were passed over."""
+
+    path: str
+    state: dict
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def resolve_resume(resume: str | None, folder: str) -> ResumePoint | None:
+    """The checkpoint to resume from, read: ``resume`` as a path, or for "auto" the newest readable one in
+    ``folder`` (None when it holds none; a ValueError when it holds only unreadable ones)."""
     if resume is None:
         return None
-    if resume == "auto":
-        return latest_checkpoint(folder)
-    if not os.path.isfile(resume):
-        raise FileNotFoundError(f"resume: checkpoint not found: {resume}")
-    return resume
+    if resume != "auto":
+        if not os.path.exists(resume):
+            raise FileNotFoundError(f"resume: checkpoint not found: {resume}")
+        return ResumePoint(resume, load_training_checkpoint(resume))
+    skipped = []
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return ResumePoint(path, load_training_checkpoint(path), skipped)
+        except ValueError as error:
+            skipped.append(str(error))
+    if skipped:
+        raise ValueError(f"resume: no readable checkpoint in {folder}: " + "; ".join(skipped))
+    return None
+
+
+def checkpoint_step(path: str) -> int:
+    """The step in a checkpoint's file name (checkpoint-<step>.pt)."""
+    return int(CHECKPOINT_PATTERN.match(os.path.basename(path)).group(1))
+
+
+def resume_conflicts(saved: dict, wanted: dict) -> list[str]:
+    """The config fields outside :data:`RESUME_MAY_CHANGE` that differ, as 'name: saved -> wanted'."""
+    return [
+        f"{name}: {saved.get(name)!r} -> {value!r}"
+        for name, value in wanted.items()
+        if name not in RESUME_MAY_CHANGE and saved.get(name) != value
+    ]
 
 
 def rng_state() -> dict:

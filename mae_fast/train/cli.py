@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from mae_fast.dispatch import BACKENDS
+from mae_fast.train import checkpointing
 from mae_fast.train.config import DATA_SOURCES, NONFINITE_POLICIES, PRECISIONS, SHARDINGS, TrainConfig
 
 # The demo: a 3-block, 64-wide encoder on 28x28 Fashion-MNIST (49 patches of 4x4), 1-block 32-wide decoder,
@@ -98,6 +100,9 @@ _FLAGS = (
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run the flags ask for; with --resume, the settings the flags leave out are the checkpoint's."""
+    if args.output_dir == "":
+        raise ValueError("--output-dir must not be empty (it is the folder the run writes to)")
     values = dict(DEMO) if args.demo else {}
     values.update({name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None})
     if args.no_norm_pix_loss:
@@ -110,7 +115,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["visualize"] = False
     if args.no_progress:
         values["progress"] = False
+    if values.get("resume") is not None:
+        values = {**_settings_of_resumed_run(values), **values}
     return TrainConfig.from_dict(values).validate()
+
+
+def _settings_of_resumed_run(values: dict) -> dict:
+    """The settings of the run that ``values["resume"]`` continues (none when "auto" finds no checkpoint),
+    which the flags given override: all but resume, overwrite and max_steps, and for "auto" in the folder
+    it looked in."""
+    folder = values.get("output_dir", TrainConfig.output_dir)
+    point = checkpointing.resolve_resume(values["resume"], os.path.join(folder, "checkpoints"))
+    if point is None:
+        return {}
+    saved = {k: v for k, v in point.state["config"].items() if k not in ("resume", "overwrite", "max_steps")}
+    if values["resume"] == "auto":
+        saved["output_dir"] = folder
+    return saved
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,10 +139,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
-    except ValueError as error:
+        start = time.perf_counter()
+        result = pretrain(config)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise SystemExit(f"mae-fast pretrain: {error}") from error
-    start = time.perf_counter()
-    result = pretrain(config)
     if result.interrupted:
         print(f"interrupted by {result.interrupted} at step {result.step}; continue with --resume")
         return 0

@@ -71,12 +71,21 @@ class _StopFlag:
 class _MetricsWriter:
     """metrics.jsonl (rank 0), plus TensorBoard scalars when tensorboard is importable."""
 
-    def __init__(self, output_dir: str, keep_until_step: int | None):
+    def __init__(self, output_dir: str, keep_until_step: int):
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        kept = []
-        if keep_until_step is not None and os.path.isfile(self.path):
+        kept, torn = [], 0
+        if os.path.isfile(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+                for line in filter(str.strip, f):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill during its append
+                        torn += 1
+                        continue
+                    if record.get("step", 0) <= keep_until_step:
+                        kept.append(json.dumps(record) + "\n")
+        if torn:
+            print(f"{self.path}: dropped {torn} torn line(s) (a write cut short by a kill)", flush=True)
         with open(self.path, "w") as f:
             f.writelines(kept)
         self.tensorboard = None
@@ -117,11 +126,9 @@ def pretrain(config: TrainConfig) -> PretrainResult:
 def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext) -> PretrainResult:
     micro_batch = config.micro_batch(ctx.world_size)
     ckpt_dir = os.path.join(config.output_dir, "checkpoints")
-    if ctx.is_main:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-            f.write(config.to_json() + "\n")
-
+    # everything that can refuse the run comes before the first write to the run folder
+    resume = checkpointing.resolve_resume(config.resume, ckpt_dir)
+    newer = _check_run_folder(config, ckpt_dir, resume)
     core = model = build_model(config, device)  # core: the bare MAE, whatever wrapping follows
     train_data = data.build_train_data(config, core.img_size[0], core.num_patches, ctx.world_size, ctx.rank, device)
     steps_per_epoch = train_data.steps_per_epoch
@@ -137,28 +144,24 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
     optimizer.found_inf = found_inf  # read by the fused AdamW: a 1 skips the whole update on the device
 
     step, history = 0, []
-    resume_path = checkpointing.resolve_resume(config.resume, ckpt_dir)
-    stale = checkpointing.list_checkpoints(ckpt_dir) if resume_path is None else []
-    if stale and not config.overwrite:
-        raise FileExistsError(
-            f"{ckpt_dir} already holds checkpoints of another run: resume it (--resume), choose another "
-            "--output-dir, or pass --overwrite to replace them"
-        )
-    distributed.barrier(ctx)
-    if resume_path is None and ctx.is_main:  # a fresh run: drop what an earlier run left
-        pictures = os.path.join(config.output_dir, "vis")
-        old_pictures = [os.path.join(pictures, n) for n in os.listdir(pictures)] if os.path.isdir(pictures) else []
-        for path in stale + [p for p in old_pictures if os.path.basename(p).startswith("reconstruction-")]:
-            os.remove(path)
-    if resume_path is not None:
-        state = checkpointing.load_training_checkpoint(resume_path)
+    if resume is not None:
+        for reason in resume.skipped:
+            _say(ctx, f"resume: skipped {reason}")
+        state = resume.state
         distributed.load_full_state(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, history = int(state["step"]), [tuple(h) for h in state["metrics"]["history"]]
+        step, history = resume.step, [tuple(h) for h in state["metrics"]["history"]]
         rngs = state["rng"]
         checkpointing.set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
+        _say(ctx, f"resuming from {resume.path} (step {step})")
     else:
         torch.manual_seed(config.seed + ctx.rank)
+    distributed.barrier(ctx)
+    if ctx.is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        _drop_outputs_after(config.output_dir, newer, step)
+        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+            f.write(config.to_json() + "\n")
 
     result = PretrainResult(config.output_dir, step, total_steps, history=history)
     metrics = _MetricsWriter(config.output_dir, step) if ctx.is_main else None
@@ -200,6 +203,12 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
         distributed.barrier(ctx)
         return path
 
+    def stopped(signal_name: str) -> PretrainResult:
+        result.interrupted = signal_name
+        result.checkpoint = save(step)
+        _say(ctx, f"stopped by {signal_name} at step {step}: {result.checkpoint}")
+        return result
+
     # device-side accumulators, read every log_every steps
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     good_steps = torch.zeros((), dtype=torch.float64, device=device)
@@ -220,7 +229,12 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
                     model.train()
                     step_loss = torch.zeros((), dtype=torch.float32, device=device)
                     for micro in range(config.accum_steps):
-                        batch = next(batches)
+                        try:
+                            batch = next(batches)
+                        except RuntimeError as error:  # a worker killed by the signal we are stopping for
+                            if stop.signal_name is None or ctx.distributed or "DataLoader worker" not in str(error):
+                                raise
+                            return stopped(stop.signal_name)  # the weights are those of `step`, complete
                         if batch["bad"]:
                             result.bad_images += data.report_bad(batch["bad"], seen_bad)
                         imgs = batch["imgs"].to(device, non_blocking=True)
@@ -289,10 +303,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
                             accumulator.zero_()
                         window_start, window_step = time.perf_counter(), step
                         if n_stop:
-                            result.interrupted = stop.signal_name or "SIGTERM"
-                            result.checkpoint = save(step)
-                            _say(ctx, f"stopped by {result.interrupted} at step {step}: {result.checkpoint}")
-                            return result
+                            return stopped(stop.signal_name or "SIGTERM")
                     if checkpointing_now and step < end_step:
                         result.checkpoint = save(step)
         finally:
@@ -310,6 +321,53 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
             save_loss_curve(result.history, os.path.join(config.output_dir, "loss_curve.png"))
     distributed.barrier(ctx)
     return result
+
+
+def _check_run_folder(
+    config: TrainConfig, ckpt_dir: str, resume: checkpointing.ResumePoint | None
+) -> list[str]:
+    """Refuse a run that would damage ``ckpt_dir``'s run; returns the checkpoints it replaces (with
+    ``overwrite``): for a fresh run all of them, for a resume those another continuation of it wrote."""
+    found = checkpointing.list_checkpoints(ckpt_dir)
+    if resume is None:
+        if found and not config.overwrite:
+            raise FileExistsError(
+                f"{ckpt_dir} already holds checkpoints of another run: resume it (--resume), choose another "
+                "--output-dir, or pass --overwrite to replace them"
+            )
+        return found
+    try:
+        saved = TrainConfig.from_dict(resume.state["config"]).to_dict()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"resume: {resume.path} holds a config this version cannot read: {error}") from error
+    conflicts = checkpointing.resume_conflicts(saved, config.to_dict())
+    if conflicts:
+        raise ValueError(
+            f"resume: {resume.path} was trained with other settings ({'; '.join(conflicts)}), which a resume "
+            "cannot change (it may change only the length of the run, with epochs / max_steps, and how it "
+            "executes and reports): drop them, or start a fresh run in another --output-dir"
+        )
+    same_folder = os.path.samefile(os.path.dirname(os.path.abspath(resume.path)), ckpt_dir) if found else False
+    replaced = [path for path in found if not (same_folder and checkpointing.checkpoint_step(path) <= resume.step)]
+    if replaced and not config.overwrite:
+        raise FileExistsError(
+            f"resume: continuing from {resume.path} (step {resume.step}) would replace the checkpoints "
+            f"{', '.join(os.path.basename(p) for p in replaced)} in {ckpt_dir}: pass --overwrite to drop them, "
+            "resume the newest (--resume), or choose another --output-dir"
+        )
+    return replaced
+
+
+def _drop_outputs_after(output_dir: str, replaced: list[str], step: int) -> None:
+    """Remove the ``replaced`` checkpoints and the reconstruction pictures of steps after ``step``."""
+    pictures = os.path.join(output_dir, "vis")
+    names = os.listdir(pictures) if os.path.isdir(pictures) else []
+    for name in names:
+        picture_step = name.removeprefix("reconstruction-").removesuffix(".png")
+        if name.startswith("reconstruction-") and picture_step.isdigit() and int(picture_step) > step:
+            replaced = [*replaced, os.path.join(pictures, name)]
+    for path in replaced:
+        os.remove(path)
 
 
 def _grad_norm(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
