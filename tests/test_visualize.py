@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_mae
-from train_helpers import quick_run_config
+from train_helpers import quick_run_config, tiny_config
 
 from mae_fast.cli import main
 from mae_fast.models import create_model
@@ -106,3 +106,36 @@ def test_release_checkpoint_runs_in_visualize(tmp_path, capsys):
     torch.save({"model": source.state_dict(), "args": argparse.Namespace(model="mae_vit_giant")}, path)
     with pytest.raises(ValueError, match="the release's 'args' lack input_size, mask_ratio, norm_pix_loss"):
         model_from_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def export_and_image(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("visualize")
+    config = tiny_config(root, epochs=1)
+    result = pretrain(config)
+    image = str(root / "shirt.png")
+    Image.new("RGB", (20, 20), (120, 30, 200)).save(image)
+    return result.export, image
+
+
+def test_visualize_reports_the_file_it_wrote(tmp_path, export_and_image, capsys):
+    export, image = export_and_image
+    assert main(["visualize", export, image, "--out", str(tmp_path / "x")]) == 0
+    assert os.listdir(tmp_path) == ["x.png"]
+    assert f"wrote {tmp_path / 'x.png'}:" in capsys.readouterr().out
+
+
+def test_visualize_refuses_an_empty_out(export_and_image):
+    with pytest.raises(SystemExit, match="--out must not be empty"):
+        main(["visualize", *export_and_image, "--out", ""])
+
+
+def test_visualize_out_directory_writes_inside_it(tmp_path, export_and_image, capsys):
+    export, image = export_and_image
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    assert main(["visualize", export, image, "--out", str(folder)]) == 0
+    assert os.listdir(folder) == ["reconstruction.png"] and sorted(os.listdir(tmp_path)) == ["pictures"]
+    assert f"wrote {folder / 'reconstruction.png'}:" in capsys.readouterr().out

@@ -16,6 +16,7 @@ import torch
 
 from mae_fast.train.runmodel import model_from_checkpoint, normalisation
 
+DEFAULT_OUT = "reconstruction.png"
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 
@@ -129,10 +130,21 @@ def load_image(path: str, in_chans: int, img_size: int, mean, std) -> torch.Tens
     return (tensor - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
 
 
+def output_path(out: str) -> str:
+    """The file ``--out`` names: inside it when it is a folder, with ".png" added when it has no suffix."""
+    if not out.strip():
+        raise SystemExit("--out must not be empty")
+    if os.path.isdir(out):
+        return os.path.join(out, DEFAULT_OUT)
+    return out if os.path.splitext(out)[1] else f"{out}.png"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a training checkpoint or an export (mae_pretrain.pth) of mae-fast pretrain")
     parser.add_argument("images", nargs="+", help="image files (any size; resized and centre-cropped)")
-    parser.add_argument("--out", default="reconstruction.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, help="PNG to write, '.png' added when it has no suffix; a folder: DIR/%(default)s"
+    )
     parser.add_argument("--mask-ratio", type=float, default=None, help="default: the run's mask ratio")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mask noise")
 
@@ -145,6 +157,6 @@ def run(args: argparse.Namespace) -> int:
     mean, std = normalisation(config)
     imgs = torch.stack([load_image(p, model.in_chans, model.img_size[0], mean, std) for p in args.images])
     noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    path = save_reconstruction_grid(model, imgs, noise, mean, std, mask_ratio, args.out)
+    path = save_reconstruction_grid(model, imgs, noise, mean, std, mask_ratio, output_path(args.out))
     print(f"wrote {path}: {len(args.images)} images, mask ratio {mask_ratio}")
     return 0
