@@ -293,6 +293,58 @@ def random_masking_case(label, cfg, batch, device, peers) -> Case:
     )
 
 
+def resized_crop_case(label, cfg, batch, device, peers, dtype) -> Case:
+    """RandomResizedCrop of uint8 images of ImageNet-like sizes (4/3 to 9/4 of the output side, 298-504 px at
+    224) to the model's input, with flips and the ImageNet mean / std, written in the model's input dtype."""
+    from mae_fast.backends.reference.resized_crop import resized_crop_spec
+    from mae_fast.train.data import random_resized_crop_box
+
+    side = cfg["img"]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def make_inputs():
+        sides = torch.randint(side * 4 // 3, side * 9 // 4 + 1, (batch, 2)).tolist()
+        images = [torch.randint(0, 256, (CHANNELS, h, w), dtype=torch.uint8, device=device) for h, w in sides]
+        generator = torch.Generator().manual_seed(len(images))
+        boxes = torch.tensor([random_resized_crop_box(h, w, generator) for h, w in sides])
+        return images, boxes, torch.rand(batch) < 0.5
+
+    def spec(images, boxes, flip):
+        return resized_crop_spec(images, boxes, (side, side), flip, mean, std, dtype)
+
+    def exact(images, boxes, flip):
+        return resized_crop_spec(images, boxes, (side, side), flip, mean, std, torch.float64, torch.float64, False)
+
+    def op_args(images, boxes, flip):
+        return images, boxes, side, flip, mean, std, dtype
+
+    def explain_args(images, boxes, flip):
+        return images, boxes.to(device), (side, side), flip.to(device), mean, std, dtype
+
+    def bytes_moved(inputs, out):
+        _, boxes, _ = inputs
+        crops = int((boxes[:, 2] * boxes[:, 3]).sum()) * CHANNELS
+        return {"fwd": crops + _nbytes(out)}
+
+    def torch_backend(images, boxes, flip):
+        return ops.resized_crop(*op_args(images, boxes, flip), backend="torch")
+
+    peer = Provider("torch_backend_interpolate_per_crop", torch_backend)
+    providers = _providers("resized_crop", spec, [peer, *peers(spec)], op_args, explain_args)
+    return Case(
+        "resized_crop",
+        label,
+        dict(B=batch, C=CHANNELS, H=side, W=side),
+        f"uint8 images, {_dtype_name(dtype)} out",
+        make_inputs,
+        (),
+        exact,
+        providers,
+        bytes_moved,
+        modes=("fwd",),
+    )
+
+
 def _sdpa_providers(device) -> list[Provider]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -427,6 +479,7 @@ def build_cases(
             unshuffle_case(name, cfg, batch, device, peers, act),
             masked_mse_loss_case(name, cfg, batch, device, peers, act),
             random_masking_case(name, cfg, batch, device, peers),
+            resized_crop_case(name, cfg, batch, device, peers, act),
             attention_case(f"{name}/encoder", batch, enc_len, *enc, device, peers, act),
             attention_case(f"{name}/decoder", batch, tokens + 1, *dec, device, peers, act),
             varlen_attention_case(f"{name}/encoder", batch, enc_len, *enc, device, act),

@@ -16,6 +16,7 @@ OPS = (
     "unshuffle_mask_tokens",
     "masked_mse_loss",
     "random_masking",
+    "resized_crop",
     "visible_attention",
     "visible_attention_varlen",
     "train_step",
