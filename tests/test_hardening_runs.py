@@ -130,11 +130,12 @@ def test_auto_resume_skips_unreadable_checkpoints_and_says_so(tmp_path, finished
     with open(os.path.join(finished_run.output_dir, "metrics.jsonl"), "a") as f:
         f.write('{"step": 5, "loss": 0.')  # a kill -9 during the append
     capsys.readouterr()
-    result = pretrain(tiny_config(tmp_path, resume="auto", max_steps=4, overwrite=True))
+    result = pretrain(tiny_config(tmp_path, resume="auto", max_steps=4))
     printed = capsys.readouterr().out
-    assert f"resume: skipped {newest} is not a readable" in printed
+    assert f"resume: skipped and removed {newest} is not a readable" in printed
+    assert "resuming from " + checkpoint_path(os.path.dirname(newest), 3) in printed
     assert "metrics.jsonl: dropped 1 torn line" in printed
-    assert result.step == 4
+    assert result.step == 4 and _checkpoint_steps(finished_run) == [2, 3, 4]  # step 4 written again, readable
     with open(os.path.join(finished_run.output_dir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
 

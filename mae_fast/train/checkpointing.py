@@ -107,11 +107,12 @@ def load_training_checkpoint(path: str) -> dict:
 
 @dataclass
 class ResumePoint:
-    """The checkpoint a run continues from; ``skipped`` says why newer ones in the folder were passed over."""
+    """The checkpoint a run continues from; ``skipped``: the newer, unreadable ones in its folder passed over
+    (path -> the reason)."""
 
     path: str
     state: dict
-    skipped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -127,14 +128,14 @@ def resolve_resume(resume: str | None, folder: str) -> ResumePoint | None:
         if not os.path.exists(resume):
             raise FileNotFoundError(f"resume: checkpoint not found: {resume}")
         return ResumePoint(resume, load_training_checkpoint(resume))
-    skipped = []
+    skipped = {}
     for path in reversed(list_checkpoints(folder)):
         try:
             return ResumePoint(path, load_training_checkpoint(path), skipped)
         except ValueError as error:
-            skipped.append(str(error))
+            skipped[path] = str(error)
     if skipped:
-        raise ValueError(f"resume: no readable checkpoint in {folder}: " + "; ".join(skipped))
+        raise ValueError(f"resume: no readable checkpoint in {folder}: " + "; ".join(skipped.values()))
     return None
 
 

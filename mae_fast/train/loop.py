@@ -145,8 +145,8 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
 
     step, history = 0, []
     if resume is not None:
-        for reason in resume.skipped:
-            _say(ctx, f"resume: skipped {reason}")
+        for reason in resume.skipped.values():
+            _say(ctx, f"resume: skipped and removed {reason}")
         state = resume.state
         distributed.load_full_state(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -326,8 +326,9 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
 def _check_run_folder(
     config: TrainConfig, ckpt_dir: str, resume: checkpointing.ResumePoint | None
 ) -> list[str]:
-    """Refuse a run that would damage ``ckpt_dir``'s run; returns the checkpoints it replaces (with
-    ``overwrite``): for a fresh run all of them, for a resume those another continuation of it wrote."""
+    """Refuse a run that would damage ``ckpt_dir``'s run; returns the checkpoints it replaces: for a fresh
+    run (with ``overwrite``) all of them, for a resume the unreadable newer ones auto-resume skipped and (with
+    ``overwrite``) those a later continuation wrote."""
     found = checkpointing.list_checkpoints(ckpt_dir)
     if resume is None:
         if found and not config.overwrite:
@@ -349,10 +350,11 @@ def _check_run_folder(
         )
     same_folder = os.path.samefile(os.path.dirname(os.path.abspath(resume.path)), ckpt_dir) if found else False
     replaced = [path for path in found if not (same_folder and checkpointing.checkpoint_step(path) <= resume.step)]
-    if replaced and not config.overwrite:
+    valuable = [path for path in replaced if path not in resume.skipped]  # unreadable ones are not worth keeping
+    if valuable and not config.overwrite:
         raise FileExistsError(
             f"resume: continuing from {resume.path} (step {resume.step}) would replace the checkpoints "
-            f"{', '.join(os.path.basename(p) for p in replaced)} in {ckpt_dir}: pass --overwrite to drop them, "
+            f"{', '.join(os.path.basename(p) for p in valuable)} in {ckpt_dir}: pass --overwrite to drop them, "
             "resume the newest (--resume), or choose another --output-dir"
         )
     return replaced
