@@ -132,6 +132,14 @@ def test_visualize_refuses_an_empty_out(export_and_image):
         main(["visualize", *export_and_image, "--out", ""])
 
 
+def test_visualize_names_an_unreadable_checkpoint_in_one_line(tmp_path, export_and_image):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"")
+    with pytest.raises(SystemExit, match=f"^mae-fast visualize: {broken} is not a readable .*: the file is empty$"):
+        main(["visualize", str(broken), export_and_image[1], "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_visualize_out_directory_writes_inside_it(tmp_path, export_and_image, capsys):
     export, image = export_and_image
     folder = tmp_path / "pictures"

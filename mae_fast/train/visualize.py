@@ -150,13 +150,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, config = model_from_checkpoint(args.checkpoint)
+    out = output_path(args.out)
+    try:
+        model, config = model_from_checkpoint(args.checkpoint)
+        mean, std = normalisation(config)
+        imgs = torch.stack([load_image(p, model.in_chans, model.img_size[0], mean, std) for p in args.images])
+    except (FileNotFoundError, ValueError) as error:  # a checkpoint or image that is missing or unreadable
+        raise SystemExit(f"mae-fast visualize: {error}") from error
     mask_ratio = config.mask_ratio if args.mask_ratio is None else args.mask_ratio
     if not 0.0 <= mask_ratio < 1.0:
         raise SystemExit(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
-    mean, std = normalisation(config)
-    imgs = torch.stack([load_image(p, model.in_chans, model.img_size[0], mean, std) for p in args.images])
     noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    path = save_reconstruction_grid(model, imgs, noise, mean, std, mask_ratio, output_path(args.out))
+    path = save_reconstruction_grid(model, imgs, noise, mean, std, mask_ratio, out)
     print(f"wrote {path}: {len(args.images)} images, mask ratio {mask_ratio}")
     return 0
