@@ -8,6 +8,10 @@ states of every rank), ``metrics`` (losses so far) and ``config``.
 Writing: temporary file in the same folder, flush + fsync, ``os.replace`` onto the final name, fsync of
 the folder. A crash at any point (even kill -9) leaves either the old set of checkpoints or the old set
 plus a complete new one; stray ``*.tmp`` files are ignored and cleaned up by the next save.
+
+Resuming: files are read by :func:`mae_fast.models.checkpoint.read_checkpoint_file`, so an unreadable one
+is a ValueError naming it; "auto" takes the newest readable checkpoint of the folder and lists those it
+skipped. A resume continues the checkpoint's run: only the fields in :data:`RESUME_MAY_CHANGE` may differ.
 """
 
 from __future__ import annotations

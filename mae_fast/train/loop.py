@@ -112,7 +112,9 @@ def pretrain(config: TrainConfig) -> PretrainResult:
 
     Writes to ``config.output_dir``: config.json, metrics.jsonl, checkpoints/checkpoint-<step>.pt (the
     newest ``keep_last``), vis/reconstruction-<step>.png at each checkpoint, loss_curve.png and the
-    release-format export mae_pretrain.pth ({'model': state_dict, 'args': config}) at the end.
+    release-format export mae_pretrain.pth ({'model': state_dict, 'args': config}) at the end. A run that is
+    refused (a folder holding another run's checkpoints, a resume with other settings or from an older
+    checkpoint without ``overwrite``, an unreadable resume target) raises before it writes anything.
     """
     config.validate()
     device = resolve_device(config)
