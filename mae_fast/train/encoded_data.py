@@ -1,0 +1,321 @@
+"""The bytes pipeline: DataLoader workers read encoded files, the main process decodes and augments batches.
+
+A worker reads a file's bytes, reads its size from the header (Pillow parses the header only) and draws the
+sample's crop box, flip and MAE mask noise from the (seed, epoch, index) generator in the same order as
+:class:`mae_fast.train.data.MAEDataset`, so every batch is the same pure function of its position as in the
+pixel pipeline (exact resume, rank independence). Batches travel as one flat uint8 buffer of encoded bytes
+with per-file offsets (pinned when the model runs on CUDA).
+
+:class:`BatchDecoder` decodes a batch where the model runs: one ``torchvision.io.decode_jpeg(list,
+device=...)`` call for the baseline RGB / greyscale JPEGs (nvJPEG on a GPU, libjpeg on the CPU), a per-image
+CPU path (``decode_image``, then Pillow) for everything else (PNG, CMYK, 16-bit, files the batched call
+refuses), and then ``mae_fast.ops.resized_crop`` (crop, bicubic antialiased resize, flip, normalisation) for
+the model-ready batch. An unreadable file is reported with its path, replaced by the next readable file of
+the folder (as :meth:`ImageFolderSource.load` replaces it) and counted by the loop's ``report_bad``.
+
+:class:`DecodedBatches` is what the loop iterates: on CUDA it decodes the next batch on a side stream while
+the current step runs; on the CPU it decodes each batch when it is asked for.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mae_fast.train.data import (
+    BadImage,
+    ImageFolderSource,
+    ResumableSampler,
+    TrainData,
+    UnreadableImage,
+    build_source,
+    decode_image_file,
+    ignore_stop_signals,
+    random_resized_crop_box,
+    sample_seed,
+)
+
+#: Pillow modes of JPEGs that the batched decode takes; every other file goes through the CPU path.
+BATCH_DECODE_MODES = ("L", "RGB")
+
+
+def draw_sample(seed: int, epoch: int, index: int, height: int, width: int, num_patches: int):
+    """(box (top, left, h, w), flip, noise [num_patches]) of sample ``index`` of ``epoch`` for an image of
+    ``height`` x ``width``: the same draws, in the same order, as MAEDataset makes for training."""
+    generator = torch.Generator().manual_seed(sample_seed(seed, epoch, index))
+    box = random_resized_crop_box(height, width, generator)
+    flip = bool(torch.rand((), generator=generator) < 0.5)
+    noise = torch.rand(num_patches, generator=generator)
+    return box, flip, noise
+
+
+def read_encoded(path: str, max_pixels: int) -> tuple[torch.Tensor, int, int, bool]:
+    """(bytes uint8 [N], height, width, batch_decodable) of the image file at ``path``, its pixels not
+    decoded. Raises :class:`UnreadableImage` for what ``decode_image_file`` refuses before decoding: not a
+    regular file (a FIFO would block), a header Pillow cannot read, more than ``max_pixels`` pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        # O_NONBLOCK: opening a FIFO returns at once, and fstat of the open file then refuses it
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise UnreadableImage(BadImage(path, "not a regular file, not an image file"))
+            data = bytearray(file.read())
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            batch_decodable = image.format == "JPEG" and image.mode in BATCH_DECODE_MODES
+    except UnreadableImage:
+        raise
+    except Exception as error:  # noqa: BLE001 - any reader failure means "unreadable image"
+        reason = f"{type(error).__name__}: {error}"
+        if isinstance(error, UnidentifiedImageError):  # its message names the in-memory buffer's address
+            reason = f"UnidentifiedImageError: not an image format Pillow knows ({os.path.getsize(path)} bytes)"
+        raise UnreadableImage(BadImage(path, reason)) from error
+    if width * height > max_pixels:
+        reason = f"decompression bomb: {width}x{height} pixels, above the limit of {max_pixels}"
+        raise UnreadableImage(BadImage(path, reason))
+    return torch.frombuffer(data, dtype=torch.uint8), height, width, batch_decodable
+
+
+class EncodedImageDataset(Dataset):
+    """An ImageFolderSource as encoded training samples, indexed by (epoch, index) from ResumableSampler.
+
+    Items are dicts: ``data`` uint8 [N] (the file's bytes), ``box`` (top, left, h, w) drawn from the header's
+    size, ``flip`` bool, ``noise`` float32 [num_patches], ``label``, ``key`` (epoch, index, position of the
+    file read in the source), ``size`` (height, width) from the header, ``batch_decodable`` and ``bad`` (as
+    MAEDataset's: the BadImage of this sample's file when its header was unreadable and the next readable
+    file replaced it, else empty).
+    """
+
+    def __init__(self, source: ImageFolderSource, num_patches: int, seed: int):
+        self.source = source
+        self.num_patches = num_patches
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        samples = self.source.samples
+        failures: list[BadImage] = []
+        for offset in range(len(samples)):
+            position = (index + offset) % len(samples)
+            path, label = samples[position]
+            try:
+                data, height, width, batch_decodable = read_encoded(path, self.source.max_pixels)
+            except UnreadableImage as error:
+                failures.append(error.record)
+                continue
+            box, flip, noise = draw_sample(self.seed, epoch, index, height, width, self.num_patches)
+            return {
+                "data": data,
+                "box": box,
+                "flip": flip,
+                "noise": noise,
+                "label": label,
+                "key": (epoch, index, position),
+                "size": (height, width),
+                "batch_decodable": batch_decodable,
+                "bad": failures[:1],
+            }
+        raise RuntimeError(f"no readable image under {self.source.root}: {'; '.join(map(str, failures[:3]))}")
+
+
+def collate_encoded(items: list[dict]) -> dict:
+    """One flat byte buffer with offsets int64 [B + 1], and the per-sample draws as tensors."""
+    offsets = [0]
+    for item in items:
+        offsets.append(offsets[-1] + item["data"].numel())
+    return {
+        "data": torch.cat([item["data"] for item in items]),
+        "offsets": torch.tensor(offsets, dtype=torch.int64),
+        "boxes": torch.tensor([item["box"] for item in items], dtype=torch.int64),
+        "flip": torch.tensor([item["flip"] for item in items], dtype=torch.bool),
+        "noise": torch.stack([item["noise"] for item in items]),
+        "label": torch.tensor([item["label"] for item in items], dtype=torch.int64),
+        "keys": torch.tensor([item["key"] for item in items], dtype=torch.int64),
+        "sizes": torch.tensor([item["size"] for item in items], dtype=torch.int64),
+        "batch_decodable": torch.tensor([item["batch_decodable"] for item in items], dtype=torch.bool),
+        "bad": [record for item in items for record in item["bad"]],
+    }
+
+
+def decode_on_cpu(data: torch.Tensor, path: str, max_pixels: int) -> torch.Tensor:
+    """uint8 [3, H, W] of one file's bytes on the CPU: torchvision's decode_image (16-bit values scaled to
+    [0, 255] with rounding, as the pixel pipeline scales them), else the pixel pipeline's own Pillow decode
+    of ``path``; raises :class:`UnreadableImage` when neither can read it."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return decode_image_file(path, max_pixels)
+    if image.dtype == torch.uint16:
+        image = image.to(torch.float32).mul_(255.0 / 65535.0).round_().to(torch.uint8)
+    return image
+
+
+class BatchDecoder:
+    """Collated encoded batches -> the dict TrainData yields: ``imgs`` [B, 3, S, S] normalised in ``dtype``
+    on ``device``, ``noise`` [B, num_patches] on ``device``, ``label`` int64 [B] and ``bad`` (BadImage records).
+
+    ``crop`` is ``mae_fast.ops.resized_crop`` unless another function with its signature is given.
+    """
+
+    def __init__(
+        self,
+        source: ImageFolderSource,
+        img_size: int,
+        num_patches: int,
+        seed: int,
+        device,
+        dtype: torch.dtype = torch.float32,
+        crop: Callable | None = None,
+    ):
+        if crop is None:
+            from mae_fast.ops.resized_crop import resized_crop as crop
+        self.source = source
+        self.img_size = img_size
+        self.num_patches = num_patches
+        self.seed = seed
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.crop = crop
+
+    def __call__(self, batch: dict) -> dict:
+        offsets = batch["offsets"].tolist()
+        chunks = [batch["data"][start:end] for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
+        images = self._decode_jpegs(chunks, batch["batch_decodable"].tolist())
+        boxes, flip, noise, labels = batch["boxes"], batch["flip"], batch["noise"], batch["label"]
+        bad = list(batch["bad"])
+        rows = zip(batch["keys"].tolist(), batch["sizes"].tolist(), strict=True)
+        for i, ((epoch, index, position), header_size) in enumerate(rows):
+            replaced = False
+            if images[i] is None:
+                path = self.source.samples[position][0]
+                try:
+                    image = decode_on_cpu(chunks[i], path, self.source.max_pixels)
+                    images[i] = image.to(self.device, non_blocking=True)
+                except UnreadableImage as error:
+                    bad.append(error.record)
+                    images[i], labels[i] = self._next_readable(position)
+                    replaced = True
+            size = list(images[i].shape[1:])
+            if replaced or size != header_size:  # draw as the pixel pipeline does, from the decoded size
+                box, flip[i], noise[i] = draw_sample(self.seed, epoch, index, *size, self.num_patches)
+                boxes[i] = torch.tensor(box)
+        imgs = self.crop(
+            images, boxes, self.img_size, flip=flip, mean=self.source.mean, std=self.source.std, dtype=self.dtype
+        )
+        return {"imgs": imgs, "noise": noise.to(self.device, non_blocking=True), "label": labels, "bad": bad}
+
+    def _decode_jpegs(self, chunks: list[torch.Tensor], batch_decodable: list[bool]) -> list[torch.Tensor | None]:
+        """The batch-decodable files decoded on the device in one call (one by one when the call fails);
+        None for the others and for those the device decoder refused."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        images: list[torch.Tensor | None] = [None] * len(chunks)
+        chosen = [i for i, ok in enumerate(batch_decodable) if ok]
+        if not chosen:
+            return images
+        try:
+            decoded = decode_jpeg([chunks[i] for i in chosen], mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:  # one file it cannot read fails the whole call
+            decoded = []
+            for i in chosen:
+                try:
+                    decoded.append(decode_jpeg(chunks[i], mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    decoded.append(None)
+        for i, image in zip(chosen, decoded, strict=True):
+            images[i] = image
+        return images
+
+    def _next_readable(self, position: int) -> tuple[torch.Tensor, int]:
+        """(image on the device, label) of the first readable file after ``position``, as
+        ImageFolderSource.load replaces an unreadable one (the files passed over are not reported here:
+        each is reported when its own sample is drawn)."""
+        samples = self.source.samples
+        failures = []
+        for offset in range(1, len(samples)):
+            path, label = samples[(position + offset) % len(samples)]
+            try:
+                data = read_encoded(path, self.source.max_pixels)[0]
+                return decode_on_cpu(data, path, self.source.max_pixels).to(self.device, non_blocking=True), label
+            except UnreadableImage as error:
+                failures.append(error.record)
+        first = samples[position][0]
+        raise RuntimeError(f"no readable image under {self.source.root}: {'; '.join(map(str, [first, *failures[:2]]))}")
+
+
+class DecodedBatches:
+    """Iterating it starts ``loader`` and yields ``decoder``'s batches. On CUDA the next batch is decoded
+    and augmented on a side stream while the caller runs its step on the current stream (no host sync: the
+    current stream waits on the side stream when the batch is handed over); on the CPU one after another."""
+
+    def __init__(self, loader, decoder: BatchDecoder):
+        self.loader = loader
+        self.decoder = decoder
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = iter(self.loader)
+        if self.decoder.device.type != "cuda":
+            for batch in batches:
+                yield self.decoder(batch)
+            return
+        side = torch.cuda.Stream(self.decoder.device)
+        pending = self._ahead(batches, side)
+        while pending is not None:
+            current = torch.cuda.current_stream(self.decoder.device)
+            current.wait_stream(side)
+            for tensor in (pending["imgs"], pending["noise"]):
+                tensor.record_stream(current)
+            ready, pending = pending, self._ahead(batches, side)
+            yield ready
+
+    def _ahead(self, batches, side) -> dict | None:
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(side):
+            return self.decoder(batch)
+
+
+def build_encoded_train_data(
+    config, img_size: int, num_patches: int, world_size: int, rank: int, device, crop: Callable | None = None
+) -> TrainData:
+    """The ImageFolder training stream of ``config`` for this rank through the bytes pipeline: the same
+    sampler, positions and batches of config.micro_batch(world_size) as data.build_train_data."""
+    if config.data != "imagefolder":
+        raise ValueError(f"the bytes pipeline reads ImageFolder data, got data={config.data!r}")
+    micro_batch = config.micro_batch(world_size)
+    source = build_source(config, "train")
+    dataset = EncodedImageDataset(source, num_patches, config.seed)
+    sampler = ResumableSampler(dataset, world_size, rank, config.seed)
+    steps = sampler.num_samples // micro_batch // config.accum_steps
+    if steps < 1:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(dataset)} images of the training set")
+    workers = config.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_encoded,
+        pin_memory=torch.device(device).type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
+    )
+    decoder = BatchDecoder(source, img_size, num_patches, config.seed, device, crop=crop)
+    return TrainData(DecodedBatches(loader, decoder), sampler, steps, source.in_chans, img_size, source)
