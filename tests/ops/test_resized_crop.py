@@ -30,6 +30,8 @@ CASES = {
     "up_and_down": ([(3, 16, 21), (3, 32, 32)], [(2, 3, 7, 9), (0, 0, 32, 32)], (20, 7)),
     "to_one_pixel": ([(3, 8, 9), (3, 5, 5)], [(1, 2, 6, 5), (2, 2, 1, 1)], (1, 1)),
     "odd_sizes_mixed": ([(1, 17, 29), (1, 31, 13), (1, 3, 3)], [(5, 1, 11, 27), (3, 0, 28, 13), (1, 1, 2, 2)], (9, 11)),
+    # outputs over 32 x 32: several Triton tiles per image, the last ones partial
+    "several_tiles": ([(1, 40, 40), (1, 9, 7)], [(0, 0, 40, 40), (1, 1, 8, 6)], (34, 33)),
 }
 
 
@@ -114,6 +116,22 @@ def test_flip_mirrors_the_columns(backend):
     images[1] = images[0].clone()
     out = ops.resized_crop(images, boxes, (6, 10), torch.tensor([False, True]), backend=backend.name)
     torch.testing.assert_close(out[1], out[0].flip(-1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.backends("reference", "torch", "triton")
+def test_strided_images_and_int32_boxes(backend):
+    """Images as a decoder may hand them over (HWC memory viewed as CHW, a crop of a larger buffer) and
+    int32 boxes give what contiguous images and int64 boxes give."""
+    hwc = torch.randint(0, 256, (14, 19, 3), dtype=torch.uint8, device=backend.device)
+    big = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, device=backend.device)
+    images = [hwc.permute(2, 0, 1), big[:, 3:17, 5:24]]
+    assert not any(image.is_contiguous() for image in images)
+    boxes = torch.tensor([[1, 2, 12, 15], [0, 0, 14, 19]], dtype=torch.int32)
+    flip = torch.tensor([True, False])
+    out = ops.resized_crop(images, boxes, (7, 9), flip, MEAN, STD, backend=backend.name)
+    dense = [image.contiguous() for image in images]
+    expected = ops.resized_crop(dense, boxes.long(), (7, 9), flip, MEAN, STD, backend=backend.name)
+    assert torch.equal(out, expected)
 
 
 def test_reference_is_torchvision():
