@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from mae_fast.train.data import (
     BadImage,
@@ -54,32 +54,75 @@ def draw_sample(seed: int, epoch: int, index: int, height: int, width: int, num_
     return box, flip, noise
 
 
+# JPEG frame headers (SOFn) and the ones the batched decode takes: baseline, extended and progressive Huffman
+_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_BATCH_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2))
+
+
+def jpeg_header(data: bytes | bytearray) -> tuple[int, int, bool] | None:
+    """(height, width, batch_decodable) from a JPEG's frame header, walking the marker segments before it;
+    None when ``data`` is not a JPEG whose frame header this walk finds (then Pillow reads the header).
+    Batch-decodable: a Huffman-coded frame (baseline, extended, progressive) of 1 or 3 components."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+        elif marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        elif marker in _SOF_MARKERS:
+            if pos + 10 > end:
+                return None
+            height = (data[pos + 5] << 8) | data[pos + 6]
+            width = (data[pos + 7] << 8) | data[pos + 8]
+            if height == 0 or width == 0:  # a height set later by a DNL segment: let Pillow say
+                return None
+            return height, width, marker in _BATCH_SOF_MARKERS and data[pos + 9] in (1, 3)
+        else:
+            pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+    return None
+
+
 def read_encoded(path: str, max_pixels: int) -> tuple[torch.Tensor, int, int, bool]:
     """(bytes uint8 [N], height, width, batch_decodable) of the image file at ``path``, its pixels not
     decoded. Raises :class:`UnreadableImage` for what ``decode_image_file`` refuses before decoding: not a
-    regular file (a FIFO would block), a header Pillow cannot read, more than ``max_pixels`` pixels."""
-    from PIL import Image, UnidentifiedImageError
-
+    regular file (a FIFO would block), a header that cannot be read, more than ``max_pixels`` pixels.
+    JPEG headers are read by :func:`jpeg_header`, other formats' by Pillow."""
     try:
         # O_NONBLOCK: opening a FIFO returns at once, and fstat of the open file then refuses it
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb", buffering=0) as file:
+            status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode):
                 raise UnreadableImage(BadImage(path, "not a regular file, not an image file"))
-            data = bytearray(file.read())
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            batch_decodable = image.format == "JPEG" and image.mode in BATCH_DECODE_MODES
+            data = bytearray(status.st_size)
+            data = data[: file.readinto(data)]
+        header = jpeg_header(data)
+        height, width, batch_decodable = _pillow_header(data) if header is None else header
     except UnreadableImage:
         raise
     except Exception as error:  # noqa: BLE001 - any reader failure means "unreadable image"
-        reason = f"{type(error).__name__}: {error}"
-        if isinstance(error, UnidentifiedImageError):  # its message names the in-memory buffer's address
-            reason = f"UnidentifiedImageError: not an image format Pillow knows ({os.path.getsize(path)} bytes)"
-        raise UnreadableImage(BadImage(path, reason)) from error
+        raise UnreadableImage(BadImage(path, f"{type(error).__name__}: {error}")) from error
     if width * height > max_pixels:
         reason = f"decompression bomb: {width}x{height} pixels, above the limit of {max_pixels}"
         raise UnreadableImage(BadImage(path, reason))
     return torch.frombuffer(data, dtype=torch.uint8), height, width, batch_decodable
+
+
+def _pillow_header(data: bytearray) -> tuple[int, int, bool]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            return height, width, image.format == "JPEG" and image.mode in BATCH_DECODE_MODES
+    except UnidentifiedImageError:  # its message names the in-memory buffer's address: one text per file
+        raise UnidentifiedImageError(f"not an image format Pillow knows ({len(data)} bytes)") from None
 
 
 class EncodedImageDataset(Dataset):
@@ -128,20 +171,29 @@ class EncodedImageDataset(Dataset):
 
 
 def collate_encoded(items: list[dict]) -> dict:
-    """One flat byte buffer with offsets int64 [B + 1], and the per-sample draws as tensors."""
+    """One flat byte buffer with offsets int64 [B + 1], and the per-sample draws as tensors (all the small
+    numbers go through one table: one tensor made per batch, not one per field)."""
     offsets = [0]
     for item in items:
         offsets.append(offsets[-1] + item["data"].numel())
+    table = torch.tensor(
+        [(*item["box"], *item["key"], *item["size"], item["label"], item["flip"], item["batch_decodable"])
+         for item in items],
+        dtype=torch.int64,
+    )
+    data = torch.empty(0, dtype=torch.uint8)
+    if get_worker_info() is not None:  # in a worker: write into shared memory, which the batch travels in
+        data = torch.empty(0, dtype=torch.uint8).set_(data.untyped_storage()._new_shared(offsets[-1]))
     return {
-        "data": torch.cat([item["data"] for item in items]),
+        "data": torch.cat([item["data"] for item in items], out=data.resize_(offsets[-1])),
         "offsets": torch.tensor(offsets, dtype=torch.int64),
-        "boxes": torch.tensor([item["box"] for item in items], dtype=torch.int64),
-        "flip": torch.tensor([item["flip"] for item in items], dtype=torch.bool),
+        "boxes": table[:, 0:4].contiguous(),
+        "keys": table[:, 4:7],
+        "sizes": table[:, 7:9],
+        "label": table[:, 9].contiguous(),
+        "flip": table[:, 10].bool(),
+        "batch_decodable": table[:, 11].bool(),
         "noise": torch.stack([item["noise"] for item in items]),
-        "label": torch.tensor([item["label"] for item in items], dtype=torch.int64),
-        "keys": torch.tensor([item["key"] for item in items], dtype=torch.int64),
-        "sizes": torch.tensor([item["size"] for item in items], dtype=torch.int64),
-        "batch_decodable": torch.tensor([item["batch_decodable"] for item in items], dtype=torch.bool),
         "bad": [record for item in items for record in item["bad"]],
     }
 
