@@ -16,7 +16,7 @@ def test_embedded_fashion_mnist_subset_and_licence():
     train, test = data.FashionMNISTSubset("train"), data.FashionMNISTSubset("test")
     assert len(train) == 10_000 and len(test) == 2_000
     img, label, bad = train.load(0)
-    assert img.dtype == torch.uint8 and img.shape == (1, 28, 28) and bad is None
+    assert img.dtype == torch.uint8 and img.shape == (1, 28, 28) and bad == []
     assert torch.bincount(train.labels).tolist() == [1000] * 10
     assert torch.bincount(test.labels).tolist() == [200] * 10
     assert train.classes[0] == "T-shirt/top" and len(train.classes) == 10
@@ -101,8 +101,8 @@ def test_corrupt_images_are_reported_replaced_and_counted(tmp_path):
     source = data.ImageFolderSource(root)
     assert source.classes == ["class0", "class1"] and len(source) == 12
     img, label, report = source.load(2)
-    assert bad in report and img.shape == (3, 16, 16) and label == 0
-    assert source.load(1)[2] is None
+    assert [record.path for record in report] == [bad] and img.shape == (3, 16, 16) and label == 0
+    assert source.load(1)[2] == []
 
     config = tiny_config(tmp_path, data_path=root, epochs=2, batch_size=4)
     with warnings.catch_warnings(record=True) as caught:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN = (0.2867,)
 FASHION_MNIST_STD = (0.3540,)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+#: Pixels (width x height) above which an image file is refused as a decompression bomb: Pillow's default
+#: warning threshold (about 9,459 x 9,459), applied whatever Pillow's own setting.
+MAX_IMAGE_PIXELS = 89_478_485
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
@@ -43,6 +47,25 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 # --- sources: uint8 images [C, H, W] with a label --------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BadImage:
+    """An image file that was not used, and why."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class UnreadableImage(Exception):
+    """Raised by a source's ``read`` for a file it cannot decode; ``record`` says which and why."""
+
+    def __init__(self, record: BadImage):
+        super().__init__(str(record))
+        self.record = record
+
+
 class FashionMNISTSubset(Dataset):
     """The embedded Fashion-MNIST subset (MIT, (c) Zalando SE): 10,000 train / 2,000 test images,
     28x28 greyscale. Items are (uint8 tensor [1, 28, 28], int label)."""
@@ -56,37 +79,130 @@ class FashionMNISTSubset(Dataset):
             self.images = torch.from_numpy(archive[f"{split}_images"].copy()).unsqueeze(1)
             self.labels = torch.from_numpy(archive[f"{split}_labels"].astype(np.int64))
             self.classes = [str(c) for c in archive["classes"]]
+        self.missing_classes: list[str] = []  # both splits hold every class
         self.in_chans = 1
         self.mean, self.std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def load(self, index: int) -> tuple[torch.Tensor, int, str | None]:
-        return self.images[index], int(self.labels[index]), None
+    def read(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def load(self, index: int) -> tuple[torch.Tensor, int, list[BadImage]]:
+        return *self.read(index), []
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+def list_image_files(folder: str, skipped: list[BadImage]) -> list[str]:
+    """The image files under ``folder`` (sorted, sub-folders and links followed), each real file once: a
+    folder reached again through a link (a loop) is not walked again. Names with an image extension that
+    are not regular files (FIFOs, devices, sockets, broken links) are left out and appended to ``skipped``."""
+    seen_folders, seen_files, paths = set(), set(), []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_folders:
+            dirnames.clear()
+            continue
+        seen_folders.add(real)
+        dirnames.sort()
+        for filename in sorted(filenames):
+            if not filename.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = os.path.join(dirpath, filename)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as error:
+                skipped.append(BadImage(path, f"cannot stat: {error.strerror or error}"))
+                continue
+            if not stat.S_ISREG(mode):
+                skipped.append(BadImage(path, f"{_file_kind(mode)}, not an image file"))
+            elif os.path.realpath(path) not in seen_files:
+                seen_files.add(os.path.realpath(path))
+                paths.append(path)
+    return paths
+
+
+def _to_uint8_rgb(image) -> np.ndarray:
+    """uint8 [H, W, 3] of a Pillow image: 16-bit greyscale (modes I;16*, I) scaled from [0, 65535] and float
+    greyscale (mode F) from [0, 1] to [0, 255] with rounding; every other mode through Pillow's RGB."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        full_scale = 1.0 if image.mode == "F" else 65535.0
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64) / full_scale, nan=0.0)
+        grey = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image_file(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """uint8 [3, H, W] of the image file at ``path``. Only a regular file is read (a FIFO would block);
+    an image of more than ``max_pixels`` pixels (a decompression bomb) is refused before its pixels are
+    decoded. Raises :class:`UnreadableImage` with the reason for any file it cannot use."""
+    from PIL import Image
+
+    try:
+        # O_NONBLOCK: opening a FIFO returns at once, and fstat of the open file then refuses it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise UnreadableImage(BadImage(path, f"{_file_kind(mode)}, not an image file"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(file) as image:
+                    if image.width * image.height > max_pixels:
+                        reason = f"{image.width}x{image.height} pixels, above the limit of {max_pixels}"
+                        raise UnreadableImage(BadImage(path, f"decompression bomb: {reason}"))
+                    array = _to_uint8_rgb(image)
+    except UnreadableImage:
+        raise
+    except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable image"
+        raise UnreadableImage(BadImage(path, f"{type(error).__name__}: {error}")) from error
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 class ImageFolderSource(Dataset):
-    """An ImageNet-layout folder: ``root/<class>/<image>``; classes are the sorted sub-folder names.
+    """An ImageNet-layout folder: ``root/<class>/<image>``; classes are the sorted sub-folder names, or
+    ``classes`` when given (the training split's, so that a label means the same class in every split:
+    a sub-folder outside ``classes`` is an error, a class without a sub-folder is in ``missing_classes``).
 
-    Images are decoded with Pillow and converted to RGB. An image that cannot be read is reported by
-    :meth:`load` (its path and the error) and replaced by the next readable one, so an epoch never stops
-    and every batch keeps its size; the training loop warns once per path and counts them.
+    Images are decoded by :func:`decode_image_file`. Files that are not images (FIFOs, devices, sockets)
+    are left out when listing, with a warning, and kept in ``skipped``. :meth:`read` raises for an
+    unreadable image; :meth:`load` replaces it by the next readable one and reports it, so a training
+    epoch never stops and every batch keeps its size; the training loop warns once per path and counts.
     """
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, classes: list[str] | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
         if not os.path.isdir(root):
             raise ValueError(f"data_path: folder not found: {root}")
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
         self.root = root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.classes:
+        self.max_pixels = max_pixels
+        folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not folders:
             raise ValueError(f"data_path: {root} has no class sub-folders (expected root/<class>/<image>)")
+        self.classes = folders if classes is None else list(classes)
+        unknown = [name for name in folders if name not in self.classes]
+        if unknown:
+            raise ValueError(f"data_path: {root} has class folder(s) {unknown} that the training split lacks")
+        self.missing_classes = [name for name in self.classes if name not in folders]
+        self.skipped: list[BadImage] = []
         self.samples: list[tuple[str, int]] = []
-        for label, name in enumerate(self.classes):
-            for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-                for filename in sorted(filenames):
-                    if filename.lower().endswith(IMAGE_EXTENSIONS):
-                        self.samples.append((os.path.join(dirpath, filename), label))
+        for name in folders:
+            label = self.classes.index(name)
+            for path in list_image_files(os.path.join(root, name), self.skipped):
+                self.samples.append((path, label))
+        if self.skipped:
+            listed = "; ".join(str(record) for record in self.skipped[:3])
+            message = f"{root}: left out {len(self.skipped)} file(s) that are not images: {listed}"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
         if not self.samples:
             raise ValueError(f"data_path: no images with extensions {IMAGE_EXTENSIONS} under {root}")
         self.in_chans = 3
@@ -95,23 +211,23 @@ class ImageFolderSource(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _decode(self, path: str) -> torch.Tensor:
-        from PIL import Image
+    def read(self, index: int) -> tuple[torch.Tensor, int]:
+        """(uint8 [3, H, W], label) of sample ``index``; raises :class:`UnreadableImage`."""
+        path, label = self.samples[index]
+        return decode_image_file(path, self.max_pixels), label
 
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-    def load(self, index: int) -> tuple[torch.Tensor, int, str | None]:
-        """(uint8 [3, H, W], label, None), or the next readable image with a report of the bad one."""
-        failures = []
+    def load(self, index: int) -> tuple[torch.Tensor, int, list[BadImage]]:
+        """(uint8 [3, H, W], label, []) of sample ``index``, or when it is unreadable the next readable
+        image with the one record of this sample's file (the files tried after it are reported when
+        their own index is loaded, so each bad file is counted once per epoch that draws it)."""
+        failures: list[BadImage] = []
         for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                return self._decode(path), label, "; ".join(failures) or None
-            except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable image"
-                failures.append(f"{path}: {type(error).__name__}: {error}")
-        raise RuntimeError(f"no readable image under {self.root}: {'; '.join(failures[:3])}")
+                return *self.read((index + offset) % len(self.samples)), failures[:1]
+            except UnreadableImage as error:
+                failures.append(error.record)
+        listed = "; ".join(str(record) for record in failures[:3])
+        raise RuntimeError(f"no readable image under {self.root}: {listed}")
 
 
 # --- augmentation --------------------------------------------------------------------------------------
@@ -161,8 +277,8 @@ class MAEDataset(Dataset):
     """Wraps a source into model inputs. Indexed by (epoch, index) pairs from :class:`ResumableSampler`.
 
     Items are dicts: ``imgs`` float32 [C, S, S] (normalised), ``noise`` float32 [num_patches] (the MAE
-    mask noise of this sample, uniform [0, 1)), ``label`` int64 and ``bad`` (reports of unreadable files
-    replaced by this item, or "").
+    mask noise of this sample, uniform [0, 1)), ``label`` int64 and ``bad`` (a list: the :class:`BadImage`
+    of this sample's file when it was unreadable and replaced, else empty).
     ``train=True``: RandomResizedCrop(S, scale (0.2, 1), bicubic) + horizontal flip; else a centre crop
     (all of a square image) resized to S.
     """
@@ -181,8 +297,13 @@ class MAEDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         raw, label, bad = self.source.load(index)
+        imgs, noise = self.transform(raw, epoch, index)
+        return {"imgs": imgs, "noise": noise, "label": label, "bad": bad}
+
+    def transform(self, raw: torch.Tensor, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised imgs [C, S, S], noise [num_patches]) of the uint8 image ``raw`` as sample ``index``."""
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         _, height, width = raw.shape
         if self.train:
             top, left, h, w = random_resized_crop_box(height, width, generator)
@@ -192,7 +313,7 @@ class MAEDataset(Dataset):
         if self.train and bool(torch.rand((), generator=generator) < 0.5):
             img = img.flip(-1)
         noise = torch.rand(self.num_patches, generator=generator)
-        return {"imgs": (img - self.mean) / self.std, "noise": noise, "label": label, "bad": bad or ""}
+        return (img - self.mean) / self.std, noise
 
 
 def collate(items: list[dict]) -> dict:
@@ -200,7 +321,7 @@ def collate(items: list[dict]) -> dict:
         "imgs": torch.stack([item["imgs"] for item in items]),
         "noise": torch.stack([item["noise"] for item in items]),
         "label": torch.tensor([item["label"] for item in items], dtype=torch.int64),
-        "bad": [item["bad"] for item in items if item["bad"]],
+        "bad": [record for item in items for record in item["bad"]],
     }
 
 
@@ -264,18 +385,19 @@ class SyntheticBatches:
             yield {"imgs": imgs, "noise": noise, "label": None, "bad": []}
 
 
-def build_source(config, split: str = "train"):
+def build_source(config, split: str = "train", classes: list[str] | None = None):
     """The labelled source of ``config.data`` for ``split`` "train" or "test": the embedded subset's
-    split, or for an ImageFolder DIR/train (else DIR itself) and DIR/val (else DIR/test)."""
+    split, or for an ImageFolder DIR/train (else DIR itself) and DIR/val (else DIR/test), labelled by
+    ``classes`` when given (pass the training source's, see :class:`ImageFolderSource`)."""
     if config.data == "fashion-mnist":
         return FashionMNISTSubset(split)
     if config.data == "imagefolder":
         if split == "train":
             train = os.path.join(config.data_path, "train")
-            return ImageFolderSource(train if os.path.isdir(train) else config.data_path)
+            return ImageFolderSource(train if os.path.isdir(train) else config.data_path, classes)
         for name in ("val", "test"):
             if os.path.isdir(os.path.join(config.data_path, name)):
-                return ImageFolderSource(os.path.join(config.data_path, name))
+                return ImageFolderSource(os.path.join(config.data_path, name), classes)
         raise ValueError(f"data_path: {config.data_path} has no val/ or test/ folder to evaluate on")
     raise ValueError(f"data={config.data!r} has no labelled source")
 
@@ -325,23 +447,33 @@ def build_train_data(config, img_size: int, num_patches: int, world_size: int, r
     return TrainData(loader, sampler, steps, source.in_chans, img_size, source)
 
 
-def report_bad(paths: list[str], seen: set[str]) -> int:
-    """Warn once per unreadable file; returns how many reports ``paths`` holds."""
-    count = 0
-    for report in paths:
-        for entry in report.split("; "):
-            count += 1
-            if entry not in seen:
-                seen.add(entry)
-                warnings.warn(f"skipped unreadable image {entry}", RuntimeWarning, stacklevel=2)
-    return count
+def report_bad(records: list[BadImage], seen: set[str]) -> int:
+    """Warn once per unreadable file (``seen`` holds the paths warned about); returns len(records)."""
+    for record in records:
+        if record.path not in seen:
+            seen.add(record.path)
+            warnings.warn(f"skipped unreadable image {record}", RuntimeWarning, stacklevel=2)
+    return len(records)
 
 
-def eval_batches(source, img_size: int, batch_size: int, limit: int | None = None) -> Iterator[tuple]:
-    """(imgs float32 [B, C, S, S] normalised, labels int64 [B]) over ``source`` without augmentation."""
+def eval_batches(
+    source, img_size: int, batch_size: int, limit: int | None = None, unreadable: list[BadImage] | None = None
+) -> Iterator[tuple]:
+    """(imgs float32 [B, C, S, S] normalised, labels int64 [B]) over the first ``limit`` images of ``source``
+    without augmentation. An unreadable image is left out, not replaced (a score must not count a copy of
+    its neighbour): its record is appended to ``unreadable`` when given."""
     dataset = MAEDataset(source, img_size, 1, seed=0, train=False)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for start in range(0, n, batch_size):
-        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        batch = collate(items)
-        yield batch["imgs"], batch["label"]
+        imgs, labels = [], []
+        for index in range(start, min(n, start + batch_size)):
+            try:
+                raw, label = source.read(index)
+            except UnreadableImage as error:
+                if unreadable is not None:
+                    unreadable.append(error.record)
+                continue
+            imgs.append(dataset.transform(raw, 0, index)[0])
+            labels.append(label)
+        if imgs:
+            yield torch.stack(imgs), torch.tensor(labels, dtype=torch.int64)

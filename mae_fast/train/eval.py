@@ -4,7 +4,8 @@ Features come from ``model.encode(imgs)`` (the whole image, nothing masked, afte
 ``pool="mean"`` averages the patch tokens (the default: MAE's cls token is not trained by any loss),
 ``pool="cls"`` takes the cls token. Images get the eval transform only (no augmentation). The two
 classifiers take the training and the test set each as a (features [N, D] float, labels [N] int64) pair,
-as :func:`extract_features` returns them.
+as :func:`extract_features` returns them. The training split's classes define the labels of both splits;
+an unreadable image is left out of the features (never replaced by another) and reported.
 """
 
 from __future__ import annotations
@@ -23,17 +24,31 @@ from mae_fast.train.runmodel import model_from_checkpoint
 
 @torch.no_grad()
 def extract_features(
-    model, source, pool: str = "mean", batch_size: int = 256, limit: int | None = None, device="cpu"
+    model,
+    source,
+    pool: str = "mean",
+    batch_size: int = 256,
+    limit: int | None = None,
+    device="cpu",
+    unreadable: list[data.BadImage] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features float32 [N, D], labels int64 [N]) of the first ``limit`` images of ``source``."""
+    """(features float32 [N, D], labels int64 [N]) of the readable ones of the first ``limit`` images of
+    ``source``; the records of the unreadable ones are appended to ``unreadable`` when given."""
     if pool not in FEATURE_POOLS:
         raise ValueError(f"pool must be one of {FEATURE_POOLS}, got {pool!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for all images), got {limit}")
     model.eval()
-    feats, labels = [], []
-    for imgs, batch_labels in data.eval_batches(source, model.img_size[0], batch_size, limit):
+    feats, labels, skipped = [], [], []
+    for imgs, batch_labels in data.eval_batches(source, model.img_size[0], batch_size, limit, skipped):
         tokens = model.encode(imgs.to(device)).float()
         feats.append((tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]).cpu())
         labels.append(batch_labels)
+    if unreadable is not None:
+        unreadable.extend(skipped)
+    if not feats:
+        reasons = "; ".join(str(record) for record in skipped[:3])
+        raise ValueError(f"no readable image among the first {limit or len(source)} of the split: {reasons}")
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -98,17 +113,38 @@ def linear_probe_accuracy(
         return float((head(test_feats).argmax(dim=1) == test_labels).float().mean())
 
 
-def evaluate(model, config: TrainConfig, method: str, pool: str = "mean", train_limit=None, test_limit=None, **kw):
-    """kNN or linear-probe accuracy of ``model``'s encoder on the labelled data of ``config``."""
+def evaluate(
+    model,
+    config: TrainConfig,
+    method: str,
+    pool: str = "mean",
+    train_limit=None,
+    test_limit=None,
+    notes: list[str] | None = None,
+    **kw,
+):
+    """kNN or linear-probe accuracy of ``model``'s encoder on the labelled data of ``config``. The test
+    split is labelled by the training split's classes (a test class that training lacks is a ValueError).
+    What the score leaves out (training classes without test images, unreadable images) is appended to
+    ``notes`` as lines for the user when given."""
+    if method not in ("knn", "linprobe"):
+        raise ValueError(f"method must be 'knn' or 'linprobe', got {method!r}")
     train_source = data.build_source(config, "train")
-    test_source = data.build_source(config, "test")
-    train = extract_features(model, train_source, pool, limit=train_limit)
-    test = extract_features(model, test_source, pool, limit=test_limit)
-    if method == "knn":
-        return knn_accuracy(train, test, **kw)
-    if method == "linprobe":
-        return linear_probe_accuracy(train, test, **kw)
-    raise ValueError(f"method must be 'knn' or 'linprobe', got {method!r}")
+    test_source = data.build_source(config, "test", classes=train_source.classes)
+    lines = []
+    if test_source.missing_classes:
+        lines.append(f"the test split has no images of training class(es) {test_source.missing_classes}")
+    features = {}
+    for split, source, limit in (("training", train_source, train_limit), ("test", test_source, test_limit)):
+        unreadable: list[data.BadImage] = []
+        features[split] = extract_features(model, source, pool, limit=limit, unreadable=unreadable)
+        if unreadable:
+            listed = "; ".join(str(record) for record in unreadable[:3])
+            lines.append(f"left out {len(unreadable)} unreadable {split} image(s): {listed}")
+    if notes is not None:
+        notes.extend(lines)
+    score = knn_accuracy if method == "knn" else linear_probe_accuracy
+    return score(features["training"], features["test"], **kw)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
     if args.random_init:
         models.append(("random init", model_from_checkpoint(args.checkpoint, random_init=True)[0]))
     for name, candidate in models:
-        accuracy = evaluate(candidate, config, args.method, args.pool, **limits, **kw)
+        notes: list[str] = []
+        accuracy = evaluate(candidate, config, args.method, args.pool, **limits, notes=notes, **kw)
+        for note in notes:
+            print(f"note: {note}")
         print(f"{args.method} top-1 ({args.pool}-pooled features, {config.data}), {name}: {accuracy:.4f}")
     return 0
