@@ -20,7 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from train_helpers import tiny_config
 
-from mae_fast.train import data
+from mae_fast.cli import main
+from mae_fast.train import data, pretrain
 from mae_fast.train.eval import evaluate, extract_features
 from mae_fast.train.runmodel import build_model
 
@@ -98,6 +99,19 @@ def test_unreadable_eval_images_are_left_out_and_counted(tmp_path):
     (root / "val" / "a" / "1.png").write_bytes(b"")
     with pytest.raises(ValueError, match="no readable image among the first 4"):
         extract_features(model, source)
+
+
+def test_eval_cli_prints_what_the_score_leaves_out(tmp_path, capsys):
+    root = tmp_path / "ds"
+    _split_folders(str(root), ["a", "b", "c"], ["b", "c"])
+    (root / "val" / "c" / "1.png").write_bytes(b"")
+    run = pretrain(tiny_config(tmp_path, data_path=str(root), batch_size=4, max_steps=1))
+    assert main(["eval", "knn", run.export, "--k", "1", "--random-init"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "note: the test split has no images of training class(es) ['a']"
+    assert lines[1].startswith(f"note: left out 1 unreadable test image(s): {root / 'val' / 'c' / '1.png'}: ")
+    assert lines[2] == "knn top-1 (mean-pooled features, imagefolder), pretrained: 1.0000"
+    assert lines[3] == "knn top-1 (mean-pooled features, imagefolder), random init: 1.0000" and len(lines) == 4
 
 
 # --- listing: regular files only, each real file once ------------------------------------------------------

@@ -101,10 +101,11 @@ def _file_kind(mode: int) -> str:
 
 
 def list_image_files(folder: str, skipped: list[BadImage]) -> list[str]:
-    """The image files under ``folder`` (sorted, sub-folders and links followed), each real file once: a
-    folder reached again through a link (a loop) is not walked again. Names with an image extension that
-    are not regular files (FIFOs, devices, sockets, broken links) are left out and appended to ``skipped``."""
-    seen_folders, seen_files, paths = set(), set(), []
+    """The image files under ``folder`` (sorted by folder path, then name; sub-folders and links followed),
+    each real file once: a folder reached again through a link (a loop) is not walked again. Names with an
+    image extension that are not regular files (FIFOs, devices, sockets, broken links) are left out and
+    appended to ``skipped``."""
+    seen_folders, walked = set(), []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_folders:
@@ -112,6 +113,9 @@ def list_image_files(folder: str, skipped: list[BadImage]) -> list[str]:
             continue
         seen_folders.add(real)
         dirnames.sort()
+        walked.append((dirpath, filenames))
+    seen_files, paths = set(), []
+    for dirpath, filenames in sorted(walked):
         for filename in sorted(filenames):
             if not filename.lower().endswith(IMAGE_EXTENSIONS):
                 continue
@@ -121,10 +125,11 @@ def list_image_files(folder: str, skipped: list[BadImage]) -> list[str]:
             except OSError as error:
                 skipped.append(BadImage(path, f"cannot stat: {error.strerror or error}"))
                 continue
+            real = os.path.realpath(path)
             if not stat.S_ISREG(mode):
                 skipped.append(BadImage(path, f"{_file_kind(mode)}, not an image file"))
-            elif os.path.realpath(path) not in seen_files:
-                seen_files.add(os.path.realpath(path))
+            elif real not in seen_files:
+                seen_files.add(real)
                 paths.append(path)
     return paths
 

@@ -174,10 +174,13 @@ def run(args: argparse.Namespace) -> int:
     models = [("pretrained", model)]
     if args.random_init:
         models.append(("random init", model_from_checkpoint(args.checkpoint, random_init=True)[0]))
+    shown: set[str] = set()  # the notes are about the data, the same for every model
     for name, candidate in models:
         notes: list[str] = []
         accuracy = evaluate(candidate, config, args.method, args.pool, **limits, notes=notes, **kw)
         for note in notes:
-            print(f"note: {note}")
+            if note not in shown:
+                shown.add(note)
+                print(f"note: {note}")
         print(f"{args.method} top-1 ({args.pool}-pooled features, {config.data}), {name}: {accuracy:.4f}")
     return 0
