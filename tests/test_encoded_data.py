@@ -234,3 +234,18 @@ def test_cuda_prefetcher_equals_the_cpu_decode(tmp_path):
         assert sorted(a["bad"]) == sorted(b["bad"])
         std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
         assert ((a["imgs"] - b["imgs"].cpu()) * std).abs().max() < 6 / 255  # nvJPEG vs libjpeg IDCT
+
+
+def test_bench_data_writes_the_three_pipelines_side_by_side(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import bench_data
+
+    assert bench_data.main(["--rounds", "1", "--batch", "2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("data_cpu_*.json")
+    result = json.loads(path.read_text())
+    assert [row["pipeline"] for row in result["rows"]] == ["pillow_release", "bytes_host_share", "bytes_all_cpu"]
+    assert all(row["cpu_ms_per_image"] > 0 and row["img_per_s_per_worker"] > 0 for row in result["rows"])
+    assert result["environment"]["threads"] == 1 and result["environment"]["torchvision"]
+    assert all(size[:2] in ([500, 375], [375, 500]) for size in result["images"].values())
