@@ -245,6 +245,7 @@ def test_each_bad_file_is_one_record_even_with_separators_in_its_name(tmp_path):
                 records += batch["bad"]
     assert count == 4 and seen == {str(folder / "1.png"), str(separators)}
     assert all(isinstance(record, data.BadImage) for record in records)
+    assert [record.path for record in sorted(set(records))] == sorted(seen)  # hashable, sorted by path
     assert sorted(str(w.message).split(": ")[0] for w in caught) == sorted(
         f"skipped unreadable image {path}" for path in seen
     )

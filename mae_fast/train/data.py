@@ -47,9 +47,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 # --- sources: uint8 images [C, H, W] with a label --------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class BadImage:
-    """An image file that was not used, and why."""
+    """An image file that was not used, and why (records sort by path, then reason)."""
 
     path: str
     reason: str
