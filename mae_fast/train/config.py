@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from mae_fast.dispatch import BACKENDS
 
 DATA_SOURCES = ("fashion-mnist", "synthetic", "imagefolder")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 NONFINITE_POLICIES = ("stop", "skip")
 SHARDINGS = ("ddp", "fsdp")
 FEATURE_POOLS = ("mean", "cls")
@@ -130,6 +130,11 @@ class TrainConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.precision == "fp16" and self.sharding == "fsdp":
+            raise ValueError(
+                "precision='fp16' with sharding='fsdp' is not supported (the GradScaler here is not FSDP's sharded "
+                "one); use precision='bf16' with fsdp, or sharding='ddp'"
+            )
         for name in ("norm_pix_loss", "compile", "overwrite", "visualize", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -176,7 +181,7 @@ class TrainConfig:
                 model = create_model(self.model, **{**given, **owned})
         except (TypeError, ValueError) as error:
             settings = {**given, **owned}
-            raise ValueError(f"model={self.model!r} cannot be built with {settings}: {error}") from error
+            raise ValueError(f"model_kwargs: model={self.model!r} cannot be built with {settings}: {error}") from error
         kept = int(model.num_patches * (1 - self.mask_ratio))
         if not 1 <= kept < model.num_patches:
             raise ValueError(
