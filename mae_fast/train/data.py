@@ -175,7 +175,7 @@ def decode_image_file(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Te
 class ImageFolderSource(Dataset):
     """An ImageNet-layout folder: ``root/<class>/<image>``; classes are the sorted sub-folder names, or
     ``classes`` when given (the training split's, so that a label means the same class in every split:
-    a sub-folder outside ``classes`` is an error, a class without a sub-folder is in ``missing_classes``).
+    a sub-folder outside ``classes`` is an error; ``missing_classes`` are those without a listed image).
 
     Images are decoded by :func:`decode_image_file`. Files that are not images (FIFOs, devices, sockets)
     are left out when listing, with a warning, and kept in ``skipped``. :meth:`read` raises for an
@@ -197,7 +197,6 @@ class ImageFolderSource(Dataset):
         unknown = [name for name in folders if name not in self.classes]
         if unknown:
             raise ValueError(f"data_path: {root} has class folder(s) {unknown} that the training split lacks")
-        self.missing_classes = [name for name in self.classes if name not in folders]
         self.skipped: list[BadImage] = []
         self.samples: list[tuple[str, int]] = []
         for name in folders:
@@ -210,6 +209,8 @@ class ImageFolderSource(Dataset):
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         if not self.samples:
             raise ValueError(f"data_path: no images with extensions {IMAGE_EXTENSIONS} under {root}")
+        present = {label for _, label in self.samples}
+        self.missing_classes = [name for label, name in enumerate(self.classes) if label not in present]
         self.in_chans = 3
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
 
