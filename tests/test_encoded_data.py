@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_helpers import quick_run_config
+from train_helpers import quick_run_config, tiny_config
 
-from mae_fast.train import data, encoded_data
+from mae_fast.train import data, encoded_data, pretrain
 
 NUM_PATCHES = 16
 
@@ -163,6 +163,32 @@ def test_bad_files_are_reported_replaced_and_counted(tmp_path):
     for path in unreadable:
         assert sum(path in m for m in messages) == 1  # reported once, with its path
     assert not any(path in m for m in messages for path in readable)
+
+
+def test_pretraining_through_the_bytes_pipeline_resumes_bit_exactly_and_counts_bad_files(tmp_path, monkeypatch):
+    """The loop with the bytes pipeline in place of the pixel one: stopped at step 4 of 9 (mid-epoch) and
+    resumed with workers, its losses and weights equal the uninterrupted run's; both planted files counted."""
+    root = tmp_path / "images"
+    _jpeg_folder(str(root), [(20, 24), (18, 30), (32, 16)], per_class=11)
+    jpeg = (root / "class0" / "000.jpg").read_bytes()
+    (root / "class0" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "class1" / "notes.jpg").write_text("not a picture")
+    streams = []
+    monkeypatch.setattr(
+        data, "build_train_data", lambda *a: streams.append(encoded_data.build_encoded_train_data(*a)) or streams[-1]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = pretrain(tiny_config(tmp_path, "full", data_path=str(root), accum_steps=2))
+        first = pretrain(tiny_config(tmp_path, "split", data_path=str(root), accum_steps=2, max_steps=4))
+        second = pretrain(tiny_config(tmp_path, "split", data_path=str(root), accum_steps=2, resume="auto",
+                                      num_workers=2))
+    assert full.step == 9 and first.step == 4 and second.step == 9
+    assert len(streams) == 3 and all(isinstance(t.loader, encoded_data.DecodedBatches) for t in streams)
+    assert full.bad_images == 2 * 3  # both files, each of the 3 epochs
+    assert second.history == full.history
+    a, b = (torch.load(r.export, weights_only=True)["model"] for r in (full, second))
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_every_kind_of_readable_file_decodes_to_rgb(tmp_path):
