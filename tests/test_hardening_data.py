@@ -113,6 +113,11 @@ def test_eval_cli_prints_what_the_score_leaves_out(tmp_path, capsys):
     assert lines[1].startswith(f"note: left out 1 unreadable test image(s): {root / 'val' / 'c' / '1.png'}: ")
     assert lines[2] == "knn top-1 (mean-pooled features, imagefolder), pretrained: 1.0000"
     assert lines[3] == "knn top-1 (mean-pooled features, imagefolder), random init: 1.0000" and len(lines) == 4
+    with pytest.raises(SystemExit, match="limit must be >= 1"):
+        main(["eval", "knn", run.export, "--train-limit", "0"])
+    (root / "val" / "zebra").mkdir()
+    with pytest.raises(SystemExit, match=r"mae-fast eval: .*\['zebra'\] that the training split lacks"):
+        main(["eval", "linprobe", run.export])
 
 
 # --- listing: regular files only, each real file once ------------------------------------------------------
@@ -157,7 +162,7 @@ def test_a_fifo_named_like_an_image_is_skipped_not_opened(tmp_path):
     result = json.loads(done.stdout)
     assert result["samples"] == [str(root / "cls" / "a.png")]
     assert result["skipped"] == [[str(fifo), "a FIFO, not an image file"]]
-    assert len(result["warnings"]) == 1 and "left out 1 file(s) that are not images" in result["warnings"][0]
+    assert len(result["warnings"]) == 1 and "left out 1 path(s) that are not image files" in result["warnings"][0]
     assert result["shapes"] == [[3, 16, 16]] and result["bad"] == 0
     assert result["fifo_error"] == "a FIFO, not an image file"
 
@@ -169,10 +174,28 @@ def test_symlink_loops_and_links_list_each_real_file_once(tmp_path):
     os.symlink(folder, folder / "loop")  # cls/loop/loop/... would list a and b once per level
     os.symlink(folder / "a.png", folder / "c.png")  # the same file under a second name
     os.symlink(tmp_path / "nowhere.png", folder / "broken.png")
-    with pytest.warns(RuntimeWarning, match="left out 1 file"):
+    with pytest.warns(RuntimeWarning, match="left out 1 path"):
         source = data.ImageFolderSource(str(tmp_path / "images"))
     assert [os.path.basename(path) for path, _ in source.samples] == ["a.png", "b.png"]
     assert [record.path for record in source.skipped] == [str(folder / "broken.png")]
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch):
+    root = tmp_path / "images"
+    _save_random_png(str(root / "cls" / "a.png"), seed=0)
+    _save_random_png(str(root / "cls" / "locked" / "b.png"), seed=1)
+    locked, scandir = str(root / "cls" / "locked"), os.scandir
+
+    def refuse_locked(path="."):  # what a folder without read permission does (the suite may run as root)
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    with pytest.warns(RuntimeWarning, match="cannot list the folder: Permission denied"):
+        source = data.ImageFolderSource(str(root))
+    assert [path for path, _ in source.samples] == [str(root / "cls" / "a.png")]
+    assert source.skipped == [data.BadImage(locked, "cannot list the folder: Permission denied")]
 
 
 # --- decoding: what the pixels are ------------------------------------------------------------------------

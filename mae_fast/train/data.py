@@ -103,10 +103,14 @@ def _file_kind(mode: int) -> str:
 def list_image_files(folder: str, skipped: list[BadImage]) -> list[str]:
     """The image files under ``folder`` (sorted by folder path, then name; sub-folders and links followed),
     each real file once: a folder reached again through a link (a loop) is not walked again. Names with an
-    image extension that are not regular files (FIFOs, devices, sockets, broken links) are left out and
-    appended to ``skipped``."""
+    image extension that are not regular files (FIFOs, devices, sockets, broken links) and folders that
+    cannot be listed are left out and appended to ``skipped``."""
     seen_folders, walked = set(), []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def unlistable(error: OSError) -> None:
+        skipped.append(BadImage(error.filename, f"cannot list the folder: {error.strerror or error}"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_folders:
             dirnames.clear()
@@ -178,9 +182,10 @@ class ImageFolderSource(Dataset):
     a sub-folder outside ``classes`` is an error; ``missing_classes`` are those without a listed image).
 
     Images are decoded by :func:`decode_image_file`. Files that are not images (FIFOs, devices, sockets)
-    are left out when listing, with a warning, and kept in ``skipped``. :meth:`read` raises for an
-    unreadable image; :meth:`load` replaces it by the next readable one and reports it, so a training
-    epoch never stops and every batch keeps its size; the training loop warns once per path and counts.
+    and folders that cannot be listed are left out when listing, with a warning, and kept in ``skipped``.
+    :meth:`read` raises for an unreadable image; :meth:`load` replaces it by the next readable one and
+    reports it, so a training epoch never stops and every batch keeps its size; the training loop warns
+    once per path and counts.
     """
 
     def __init__(self, root: str, classes: list[str] | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -205,7 +210,7 @@ class ImageFolderSource(Dataset):
                 self.samples.append((path, label))
         if self.skipped:
             listed = "; ".join(str(record) for record in self.skipped[:3])
-            message = f"{root}: left out {len(self.skipped)} file(s) that are not images: {listed}"
+            message = f"{root}: left out {len(self.skipped)} path(s) that are not image files: {listed}"
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         if not self.samples:
             raise ValueError(f"data_path: no images with extensions {IMAGE_EXTENSIONS} under {root}")

@@ -177,7 +177,10 @@ def run(args: argparse.Namespace) -> int:
     shown: set[str] = set()  # the notes are about the data, the same for every model
     for name, candidate in models:
         notes: list[str] = []
-        accuracy = evaluate(candidate, config, args.method, args.pool, **limits, notes=notes, **kw)
+        try:
+            accuracy = evaluate(candidate, config, args.method, args.pool, **limits, notes=notes, **kw)
+        except ValueError as error:  # bad data or flags: the message names them
+            raise SystemExit(f"mae-fast eval: {error}") from error
         for note in notes:
             if note not in shown:
                 shown.add(note)
