@@ -181,11 +181,11 @@ def collate_encoded(items: list[dict]) -> dict:
          for item in items],
         dtype=torch.int64,
     )
-    data = torch.empty(0, dtype=torch.uint8)
+    packed = None
     if get_worker_info() is not None:  # in a worker: write into shared memory, which the batch travels in
-        data = torch.empty(0, dtype=torch.uint8).set_(data.untyped_storage()._new_shared(offsets[-1]))
+        packed = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(offsets[-1]))
     return {
-        "data": torch.cat([item["data"] for item in items], out=data.resize_(offsets[-1])),
+        "data": torch.cat([item["data"] for item in items], out=packed),
         "offsets": torch.tensor(offsets, dtype=torch.int64),
         "boxes": table[:, 0:4].contiguous(),
         "keys": table[:, 4:7],
@@ -256,7 +256,7 @@ class BatchDecoder:
                     images[i] = image.to(self.device, non_blocking=True)
                 except UnreadableImage as error:
                     bad.append(error.record)
-                    images[i], labels[i] = self._next_readable(position)
+                    images[i], labels[i] = self._next_readable(position, error.record)
                     replaced = True
             size = list(images[i].shape[1:])
             if replaced or size != header_size:  # draw as the pixel pipeline does, from the decoded size
@@ -289,12 +289,13 @@ class BatchDecoder:
             images[i] = image
         return images
 
-    def _next_readable(self, position: int) -> tuple[torch.Tensor, int]:
+    def _next_readable(self, position: int, record: BadImage) -> tuple[torch.Tensor, int]:
         """(image on the device, label) of the first readable file after ``position``, as
         ImageFolderSource.load replaces an unreadable one (the files passed over are not reported here:
-        each is reported when its own sample is drawn)."""
+        each is reported when its own sample is drawn). ``record`` (the unreadable file's) heads the error
+        when no file of the folder can be read."""
         samples = self.source.samples
-        failures = []
+        failures = [record]
         for offset in range(1, len(samples)):
             path, label = samples[(position + offset) % len(samples)]
             try:
@@ -302,8 +303,7 @@ class BatchDecoder:
                 return decode_on_cpu(data, path, self.source.max_pixels).to(self.device, non_blocking=True), label
             except UnreadableImage as error:
                 failures.append(error.record)
-        first = samples[position][0]
-        raise RuntimeError(f"no readable image under {self.source.root}: {'; '.join(map(str, [first, *failures[:2]]))}")
+        raise RuntimeError(f"no readable image under {self.source.root}: {'; '.join(map(str, failures[:3]))}")
 
 
 class DecodedBatches:
