@@ -1,0 +1,739 @@
+"""``mae-fast finetune``: supervised fine-tuning of a pretrained MAE encoder with the release's recipe.
+
+The recipe of the release's main_finetune.py: the encoder as a classification ViT on mae_fast's blocks
+(global average pooling + fc_norm, or the cls token), layer-wise lr decay, stochastic depth, timm's
+Mixup / CutMix with soft-target cross-entropy (label smoothing), RandAugment and random erasing through
+timm's ``create_transform``, AdamW with lr = blr x batch / 256, warmup then half-cycle cosine per
+iteration, optional gradient clipping and accumulation, top-1 / top-5 / loss on the validation split.
+
+Checkpoints are written atomically with everything an exact resume needs (weights, AdamW, the fp16
+GradScaler, the data position, every random generator), so a resumed run on the CPU is bit-identical to
+an uninterrupted one, also mid-epoch. ``--demo`` fine-tunes the export of ``mae-fast pretrain --demo``
+and the same network from random init on the embedded Fashion-MNIST subset and prints both accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mae_fast.interop._common import count_blocks, state_dict_from
+from mae_fast.models.classifier import ENCODERS, VisionTransformerClassifier, load_pretrained
+from mae_fast.train import checkpointing, data
+from mae_fast.train.schedule import lr_factor
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MIXUP_MODES = ("batch", "pair", "elem")
+DATA_SOURCES = ("fashion-mnist", "imagefolder")
+
+#: The release's fine-tuning settings per model size (FINETUNE.md).
+PRESETS = {
+    "vit_b": dict(model="vit_base_patch16", blr=5e-4, layer_decay=0.65, drop_path=0.1, epochs=100),
+    "vit_l": dict(model="vit_large_patch16", blr=1e-3, layer_decay=0.75, drop_path=0.2, epochs=50),
+    "vit_h": dict(model="vit_huge_patch14", blr=1e-3, layer_decay=0.75, drop_path=0.3, epochs=50),
+}
+
+# Fields a resume may change (where the run executes and reports); all others are fixed by the checkpoint.
+RESUME_MAY_CHANGE = ("resume", "output_dir", "num_workers", "device", "log_every", "ckpt_every", "keep_last",
+                     "max_steps", "data_path", "progress")  # fmt: skip
+
+
+# --- layer-wise lr decay -------------------------------------------------------------------------------
+
+
+def layer_id_for_vit(name: str, num_layers: int) -> int:
+    """BEiT's / the release's layer of a timm ViT parameter: 0 for cls_token, pos_embed and patch_embed.*,
+    i + 1 for blocks.i.*, ``num_layers`` (depth + 1) for everything else (norms, fc_norm, head)."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+def param_groups_layer_decay(
+    model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75, no_weight_decay=()
+) -> list[dict]:
+    """AdamW parameter groups with layer-wise lr decay, the release's ``param_groups_lrd``.
+
+    One group per (layer id, decay or not): ``lr_scale`` = layer_decay ** (depth + 1 - layer id) and
+    ``weight_decay`` (0 for 1-D parameters and for the names in ``no_weight_decay``). The depth is the
+    number of ``blocks.i`` of ``model``. Frozen parameters are left out. The scheduler multiplies each
+    group's lr by its ``lr_scale``.
+    """
+    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}")
+    skip = set(no_weight_decay)
+    names = [name for name, _ in model.named_parameters()]
+    num_layers = count_blocks(dict.fromkeys(names), "blocks.") + 1
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim == 1 or name in skip
+        layer = layer_id_for_vit(name, num_layers)
+        key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "param_names": [],
+                "lr_scale": float(layer_decay ** (num_layers - layer)),
+                "weight_decay": 0.0 if no_decay else float(weight_decay),
+                "name": key,
+            }
+        groups[key]["params"].append(param)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+# --- configuration -------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run (the release's defaults; see :data:`PRESETS`)."""
+
+    pretrained: str | None = None  # None: train the same network from its random initialisation
+    model: str | None = None  # a name of models.classifier.ENCODERS; None: read from the pretrained file
+    model_kwargs: dict = field(default_factory=dict)
+    preset: str | None = None
+    data: str = "imagefolder"
+    data_path: str | None = None
+    img_size: int | None = None  # None: the pretrained grid (28 for fashion-mnist)
+    global_pool: bool = True
+    epochs: int = 50
+    max_steps: int | None = None
+    warmup_epochs: float = 5.0
+    batch_size: int = 1024
+    accum_steps: int = 1
+    blr: float = 1e-3
+    lr: float | None = None
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    clip_grad: float | None = None
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    cutmix_minmax: tuple | None = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.1
+    aa: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    precision: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    eval_batch_size: int = 256
+    output_dir: str = "runs/finetune"
+    log_every: int = 20
+    ckpt_every: int = 0  # steps between checkpoints; 0: at the end of every epoch
+    keep_last: int = 2
+    resume: str | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        if values["cutmix_minmax"] is not None:
+            values["cutmix_minmax"] = list(values["cutmix_minmax"])
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FinetuneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown fine-tuning settings: {', '.join(unknown)}")
+        preset = values.get("preset")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+            values = {**PRESETS[preset], **{k: v for k, v in values.items() if v is not None}}
+        return cls(**values)
+
+    def validate(self) -> FinetuneConfig:
+        """ValueError naming the first setting out of its range."""
+        if self.model is not None and self.model not in ENCODERS:
+            raise ValueError(f"model: unknown model {self.model!r}; known: {', '.join(sorted(ENCODERS))}")
+        if self.data not in DATA_SOURCES:
+            raise ValueError(f"data must be one of {', '.join(DATA_SOURCES)}, got {self.data!r}")
+        if self.data == "imagefolder":
+            if not self.data_path:
+                raise ValueError("data_path: --data imagefolder needs --data-path DIR (DIR/train, DIR/val)")
+            if not os.path.isdir(os.path.join(self.data_path, "val")):
+                raise ValueError(f"data_path: {self.data_path} has no val/ folder (expected DIR/train and DIR/val)")
+        for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size", "log_every", "keep_last"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("num_workers", "ckpt_every", "recount", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be an int >= 1 or None, got {self.max_steps!r}")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of accum_steps={self.accum_steps}")
+        in_range = (
+            ("mixup", 0.0, None), ("cutmix", 0.0, None), ("mixup_prob", 0.0, 1.0), ("mixup_switch_prob", 0.0, 1.0),
+            ("smoothing", 0.0, 1.0), ("reprob", 0.0, 1.0), ("warmup_epochs", 0.0, None), ("blr", 0.0, None),
+            ("min_lr", 0.0, None), ("weight_decay", 0.0, None), ("layer_decay", 0.0, 1.0), ("drop_path", 0.0, 1.0),
+        )  # fmt: skip
+        for name, low, high in in_range:
+            value = getattr(self, name)
+            bad = not isinstance(value, (int, float)) or not math.isfinite(value) or value < low
+            if bad or (high is not None and value > high):
+                allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+                raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+        if self.drop_path >= 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.layer_decay <= 0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.mixup_mode not in MIXUP_MODES:
+            raise ValueError(f"mixup_mode must be one of {', '.join(MIXUP_MODES)}, got {self.mixup_mode!r}")
+        if self.mixup_active and (self.batch_size // self.accum_steps) % 2:
+            raise ValueError("batch_size / accum_steps must be even when mixup or cutmix is on (timm's Mixup)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("lr", "clip_grad"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
+        if self.img_size is not None and (not isinstance(self.img_size, int) or self.img_size < 1):
+            raise ValueError(f"img_size must be an int >= 1 or None, got {self.img_size!r}")
+        if self.output_dir == "":
+            raise ValueError("output_dir must not be empty")
+        return self
+
+    @property
+    def mixup_active(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+
+
+# --- the network ---------------------------------------------------------------------------------------
+
+
+def _pretrained_settings(path: str) -> tuple[dict, dict]:
+    """(state_dict, settings) of a pretrained file; settings are the ``args`` / ``config`` dict of an
+    export or checkpoint of ``mae-fast pretrain`` (model name, model_kwargs, img_size), else {}."""
+    raw = checkpointing.read_checkpoint_file(path)
+    settings = raw.get("args") if isinstance(raw.get("args"), dict) else raw.get("config")
+    return state_dict_from(raw), settings if isinstance(settings, dict) else {}
+
+
+def classifier_kwargs(config: FinetuneConfig, num_classes: int, in_chans: int, state=None, settings=None) -> dict:
+    """The classifier's constructor arguments: the named encoder (``config.model``, or the pretrained
+    run's model, or the official config whose width, depth and patch match the weights), then
+    ``config.model_kwargs``, the data's channels and classes, the image size and the recipe's drop path."""
+    settings = settings or {}
+    name = config.model
+    kwargs: dict = {}
+    if name is None and settings.get("model"):
+        name = str(settings["model"]).removeprefix("mae_")
+        encoder_keys = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+        kwargs.update({k: v for k, v in (settings.get("model_kwargs") or {}).items() if k in encoder_keys})
+    if name is None and state is not None:
+        embed_dim, _, patch, _ = state["patch_embed.proj.weight"].shape
+        depth = count_blocks(state, "blocks.")
+        matches = [
+            n for n, enc in ENCODERS.items()
+            if (enc["patch_size"], enc["embed_dim"], enc["depth"]) == (patch, embed_dim, depth)
+        ]  # fmt: skip
+        if not matches and "num_heads" not in config.model_kwargs:
+            raise ValueError(
+                f"pretrained: a ViT of width {embed_dim}, depth {depth}, patch {patch} matches no named model "
+                f"({', '.join(sorted(ENCODERS))}); pass --model or --model-kwargs num_heads=..."
+            )
+        name = matches[0] if matches else None
+        if name is None:
+            kwargs.update(patch_size=int(patch), embed_dim=int(embed_dim), depth=depth)
+    if name is None:
+        raise ValueError("model: give --model (one of " + ", ".join(sorted(ENCODERS)) + ") or a pretrained file")
+    if name not in ENCODERS:
+        raise ValueError(f"model: unknown model {name!r}; known: {', '.join(sorted(ENCODERS))}")
+    kwargs = {**ENCODERS[name], **kwargs, **config.model_kwargs}
+    img_size = config.img_size
+    if img_size is None and settings.get("img_size"):
+        img_size = int(settings["img_size"])
+    if img_size is None:
+        img_size = 28 if config.data == "fashion-mnist" else kwargs.get("img_size", 224)
+    kwargs.update(
+        img_size=img_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        drop_path_rate=config.drop_path,
+        global_pool=config.global_pool,
+    )
+    return kwargs
+
+
+def build_classifier(config: FinetuneConfig, num_classes: int, in_chans: int):
+    """(classifier on the CPU, its load report or None): initialised from ``config.seed`` without touching
+    the global generators, then loaded from ``config.pretrained`` when given."""
+    state, settings = (None, {}) if config.pretrained is None else _pretrained_settings(config.pretrained)
+    kwargs = classifier_kwargs(config, num_classes, in_chans, state, settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = VisionTransformerClassifier(**kwargs)
+    report = None if state is None else load_pretrained(model, state, "pretrained")
+    return model, report
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def _pil(image: torch.Tensor):
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def build_transforms(config: FinetuneConfig, img_size: int, mean, std):
+    """(train, eval) transforms from a uint8 [C, H, W] image to a normalised float tensor.
+
+    RGB folders: timm's ``create_transform`` (bicubic RandomResizedCrop, flip, RandAugment ``config.aa``,
+    random erasing) and the release's eval (bicubic resize to size / 0.875, centre crop; crop 1 above 224).
+    The 1-channel 28 px Fashion-MNIST images: RandAugment's colour operations mean little on greyscale, so
+    training uses a RandomResizedCrop(scale 0.5-1) + flip + timm's RandomErasing; eval is the image as is.
+    """
+    from timm.data import create_transform
+    from timm.data.random_erasing import RandomErasing
+    from torchvision import transforms as T
+
+    if config.data == "imagefolder":
+        train = create_transform(
+            input_size=img_size, is_training=True, auto_augment=config.aa, interpolation="bicubic",
+            re_prob=config.reprob, re_mode=config.remode, re_count=config.recount, mean=mean, std=std,
+        )  # fmt: skip
+        resize = int(img_size / 0.875) if img_size <= 224 else img_size
+        evaluate = T.Compose([
+            T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size), T.ToTensor(),
+            T.Normalize(mean, std),
+        ])  # fmt: skip
+        return (lambda img: train(_pil(img))), (lambda img: evaluate(_pil(img)))
+    erase = RandomErasing(config.reprob, mode=config.remode, max_count=config.recount, device="cpu")
+    train = T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.RandomHorizontalFlip(),
+    ])  # fmt: skip
+    mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+
+    def train_fn(img: torch.Tensor) -> torch.Tensor:
+        return erase((train(img.float().div(255)).clamp(0, 1) - mean_t) / std_t)
+
+    def eval_fn(img: torch.Tensor) -> torch.Tensor:
+        img = img.float().div(255)
+        if img.shape[-2:] != (img_size, img_size):
+            img = F.interpolate(img[None], size=(img_size, img_size), mode="bicubic", antialias=True)[0].clamp(0, 1)
+        return (img - mean_t) / std_t
+
+    return train_fn, eval_fn
+
+
+class SeededTransformDataset(Dataset):
+    """(image, label) of a source through ``transform``, indexed by (epoch, index): each sample's random
+    choices come from generators seeded by (seed, epoch, index), so a batch depends only on its place in
+    the run (not on workers or resumes). The caller's global generator states are left as they were."""
+
+    def __init__(self, source, transform, seed: int, num_classes: int):
+        self.source, self.transform, self.seed, self.num_classes = source, transform, seed, num_classes
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, label, _ = self.source.load(index)
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"labels: sample {index} has label {label}, outside [0, {self.num_classes})")
+        seed = data.sample_seed(self.seed, epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                out = self.transform(image)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return out, label
+
+
+def _num_classes(source) -> int:
+    return len(source.classes)
+
+
+@dataclass
+class FinetuneData:
+    train_loader: DataLoader
+    sampler: data.ResumableSampler
+    eval_loader: DataLoader
+    steps_per_epoch: int
+    num_classes: int
+    in_chans: int
+    classes: list
+
+
+def build_data(config: FinetuneConfig, img_size: int | None = None) -> FinetuneData:
+    """Loaders of the training and validation splits. ``img_size`` None: only the class count and channels
+    are read (the sources are built; the loaders are built at the size passed later)."""
+    train_source = data.build_source(_data_view(config), "train")
+    eval_source = data.build_source(_data_view(config), "test", classes=getattr(train_source, "classes", None))
+    num_classes = _num_classes(train_source)
+    size = img_size or 28
+    train_fn, eval_fn = build_transforms(config, size, train_source.mean, train_source.std)
+    train_set = SeededTransformDataset(train_source, train_fn, config.seed, num_classes)
+    eval_set = SeededTransformDataset(eval_source, eval_fn, config.seed, num_classes)
+    micro = config.batch_size // config.accum_steps
+    sampler = data.ResumableSampler(train_set, 1, 0, config.seed)
+    steps = sampler.num_samples // micro // config.accum_steps
+    if steps < 1:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(train_set)} training images")
+    workers = config.num_workers
+    common = dict(num_workers=workers, persistent_workers=workers > 0, worker_init_fn=data.ignore_stop_signals)
+    train_loader = DataLoader(
+        train_set, batch_size=micro, sampler=sampler, drop_last=True,
+        generator=torch.Generator().manual_seed(config.seed), **common,
+    )  # fmt: skip
+    eval_loader = DataLoader(
+        eval_set, batch_size=config.eval_batch_size, shuffle=False,
+        generator=torch.Generator().manual_seed(config.seed), **common,
+    )  # fmt: skip
+    return FinetuneData(train_loader, sampler, eval_loader, steps, num_classes, train_source.in_chans,
+                        list(train_source.classes))  # fmt: skip
+
+
+def _data_view(config: FinetuneConfig):
+    """What train.data.build_source reads of a config (data and data_path)."""
+    return argparse.Namespace(data=config.data, data_path=config.data_path)
+
+
+# --- precision, the step, evaluation --------------------------------------------------------------------
+
+
+def resolve_device(config: FinetuneConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for and no GPU is available")
+    return torch.device(config.device)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: fp16 and bf16 as asked; "auto" is bf16 on a GPU that supports it, else fp32."""
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+class Trainer:
+    """One optimizer step at a time: accumulation, autocast, the fp16 GradScaler, clipping, skipped steps.
+
+    ``skipped_steps`` counts updates not applied: non-finite gradients under fp16 (the scaler skips them
+    and lowers its scale) and non-finite losses in the other precisions (the update is skipped too).
+    """
+
+    def __init__(self, model, optimizer, config: FinetuneConfig, device: torch.device, mixup=None, criterion=None):
+        self.model, self.optimizer, self.config, self.device = model, optimizer, config, device
+        self.dtype = autocast_dtype(config.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.mixup = mixup
+        self.criterion = criterion or nn.CrossEntropyLoss()
+        self.skipped_steps = 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> tuple[float, bool]:
+        """Accumulate the gradients of ``micro_batches`` and apply one update at peak-relative ``lr``
+        (each group gets lr x its lr_scale). Returns (mean loss, whether the update was applied)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for imgs, labels in micro_batches:
+            imgs, labels = imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            targets = labels
+            if self.mixup is not None:
+                imgs, targets = self.mixup(imgs, labels)
+            with self.autocast():
+                loss = self.criterion(self.model(imgs), targets)
+            self.scaler.scale(loss.float() / len(micro_batches)).backward()
+            total += loss.detach().float()
+        mean_loss = float(total) / len(micro_batches)
+        if not self.scaler.is_enabled() and not math.isfinite(mean_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return mean_loss, False
+        if self.config.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        applied = scale_before is None or self.scaler.get_scale() >= scale_before
+        if not applied:
+            self.skipped_steps += 1
+        return mean_loss, applied
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, dtype: torch.dtype | None = None, num_classes: int | None = None):
+    """{"acc1", "acc5", "loss", "count"} of ``model`` over ``loader`` (cross-entropy on hard labels);
+    ``confusion`` [C, C] (rows: true class) when ``num_classes`` is given."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = count = 0
+    loss_sum = 0.0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64) if num_classes else None
+    for imgs, labels in loader:
+        imgs, labels = imgs.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(imgs)
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == labels).sum())
+        correct5 += int((top == labels[:, None]).any(dim=1).sum())
+        count += labels.numel()
+        if confusion is not None:
+            pairs = labels.cpu() * num_classes + top[:, 0].cpu()
+            confusion += torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the validation split holds no images")
+    result = {"acc1": correct1 / count, "acc5": correct5 / count, "loss": loss_sum / count, "count": count}
+    if confusion is not None:
+        result["confusion"] = confusion
+    return result
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneResult:
+    step: int = 0
+    epoch: int = 0
+    history: list = field(default_factory=list)  # (epoch, acc1, acc5, loss)
+    skipped_steps: int = 0
+    checkpoint: str | None = None
+    export: str | None = None
+    final: dict = field(default_factory=dict)
+    load_report: str | None = None
+
+
+def _build_mixup(config: FinetuneConfig, num_classes: int):
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if config.mixup_active:
+        mixup = Mixup(
+            mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+            cutmix_minmax=tuple(config.cutmix_minmax) if config.cutmix_minmax else None, prob=config.mixup_prob,
+            switch_prob=config.mixup_switch_prob, mode=config.mixup_mode, label_smoothing=config.smoothing,
+            num_classes=num_classes,
+        )  # fmt: skip
+        return mixup, SoftTargetCrossEntropy()
+    if config.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=config.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+def _check_resume(saved: dict, wanted: dict) -> None:
+    conflicts = [
+        f"{name}: {saved.get(name)!r} -> {value!r}"
+        for name, value in wanted.items()
+        if name not in RESUME_MAY_CHANGE and saved.get(name) != value
+    ]
+    if conflicts:
+        raise ValueError("resume: the checkpoint's run had other settings: " + "; ".join(conflicts))
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune as ``config`` says; checkpoints, metrics.jsonl and finetuned.pth go to ``config.output_dir``."""
+    config.validate()
+    device = resolve_device(config)
+    probe = build_data(config)
+    model, report = build_classifier(config, probe.num_classes, probe.in_chans)
+    loaders = build_data(config, model.img_size[0])
+    model = model.to(device)
+    groups = param_groups_layer_decay(model, config.weight_decay, config.layer_decay, model.no_weight_decay())
+    for group in groups:
+        group.pop("param_names")
+    optimizer = torch.optim.AdamW(groups, lr=config.peak_lr)
+    mixup, criterion = _build_mixup(config, loaders.num_classes)
+    trainer = Trainer(model, optimizer, config, device, mixup, criterion)
+
+    ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+    steps_per_epoch = loaders.steps_per_epoch
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    min_ratio = config.min_lr / config.peak_lr
+    result = FinetuneResult(load_report=None if report is None else str(report))
+    step = 0
+    point = checkpointing.resolve_resume(config.resume, ckpt_dir)
+    if point is not None:
+        state = point.state
+        _check_resume(state["config"], config.to_dict())
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        trainer.scaler.load_state_dict(state["scaler"])
+        trainer.skipped_steps = int(state["metrics"]["skipped_steps"])
+        result.history = [tuple(item) for item in state["metrics"]["history"]]
+        checkpointing.set_rng_state(state["rng"])
+        step = int(state["step"])
+    else:
+        os.makedirs(config.output_dir, exist_ok=True)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+    metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
+    micro = config.batch_size // config.accum_steps
+    last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
+    model.train()
+    with open(metrics_path, "a") as metrics:
+        while step < last_step:
+            epoch, done = divmod(step, steps_per_epoch)
+            loaders.sampler.set_position(epoch, done * config.accum_steps * micro)
+            batches = iter(loaders.train_loader)
+            for _ in range(done, steps_per_epoch):
+                if step >= last_step:
+                    break
+                micro_batches = [next(batches) for _ in range(config.accum_steps)]
+                lr = config.peak_lr * lr_factor(step, warmup_steps, total_steps, min_ratio)
+                loss, _ = trainer.step(micro_batches, lr)
+                step += 1
+                if step % config.log_every == 0 or step == last_step:
+                    record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                              "skipped_steps": trainer.skipped_steps}  # fmt: skip
+                    if trainer.scaler.is_enabled():
+                        record["scale"] = trainer.scaler.get_scale()
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    if config.progress:
+                        print(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.2e}", flush=True)
+                epoch_end = step % steps_per_epoch == 0
+                if epoch_end:
+                    scores = evaluate(model, loaders.eval_loader, device, trainer.dtype)
+                    result.history.append((epoch, scores["acc1"], scores["acc5"], scores["loss"]))
+                    record = {"epoch": epoch, "test_acc1": scores["acc1"], "test_acc5": scores["acc5"],
+                              "test_loss": scores["loss"]}  # fmt: skip
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    if config.progress:
+                        print(f"epoch {epoch}: val top-1 {scores['acc1']:.4f} top-5 {scores['acc5']:.4f}", flush=True)
+                periodic = config.ckpt_every and step % config.ckpt_every == 0
+                if periodic or (not config.ckpt_every and epoch_end) or step == last_step:
+                    result.checkpoint = _save(config, model, optimizer, trainer, step, steps_per_epoch, result)
+    result.step, result.epoch = step, step // steps_per_epoch
+    result.skipped_steps = trainer.skipped_steps
+    if step == total_steps:
+        result.final = evaluate(model, loaders.eval_loader, device, trainer.dtype, loaders.num_classes)
+        result.export = os.path.join(config.output_dir, "finetuned.pth")
+        checkpointing.atomic_save(
+            {"model": _cpu_state(model), "classifier": model.config(), "args": config.to_dict(),
+             "classes": loaders.classes},
+            result.export,
+        )  # fmt: skip
+        _save_pictures(config.output_dir, result, loaders.classes)
+    return result
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+
+
+def _save(config, model, optimizer, trainer, step, steps_per_epoch, result) -> str:
+    epoch, done = divmod(step, steps_per_epoch)
+    state = {
+        "model": _cpu_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"kind": "warmup + half-cycle cosine per step, set from the step"},
+        "scaler": trainer.scaler.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "micro_batch": done * config.accum_steps,
+        "rng": checkpointing.rng_state(),
+        "metrics": {"skipped_steps": trainer.skipped_steps, "history": [list(h) for h in result.history]},
+        "config": config.to_dict(),
+        "classifier": model.config(),
+    }
+    return checkpointing.save_checkpoint(state, os.path.join(config.output_dir, "checkpoints"), config.keep_last)
+
+
+def _save_pictures(output_dir: str, result: FinetuneResult, classes: list) -> None:
+    """accuracy_curve.png (val top-1 per epoch) and confusion_matrix.png of the final evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([h[0] + 1 for h in result.history], [h[1] for h in result.history], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1")
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "accuracy_curve.png"))
+    plt.close(fig)
+    confusion = result.final.get("confusion")
+    if confusion is None or len(classes) > 50:
+        return
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "confusion_matrix.png"))
+    plt.close(fig)
+
+
+def load_finetuned(path: str) -> tuple[VisionTransformerClassifier, dict]:
+    """(classifier, its run settings) from finetuned.pth or a fine-tuning checkpoint."""
+    state = checkpointing.read_checkpoint_file(path)
+    if "classifier" not in state:
+        raise ValueError(f"{path}: not a fine-tuned checkpoint of mae-fast finetune (no 'classifier' entry)")
+    model = VisionTransformerClassifier(**{**state["classifier"], "img_size": tuple(state["classifier"]["img_size"])})
+    model.load_state_dict(state["model"])
+    return model, state.get("args") or state.get("config") or {}
+
+
+def evaluate_checkpoint(path: str, config: FinetuneConfig) -> dict:
+    """Top-1 / top-5 / loss of a fine-tuned checkpoint on the validation split of ``config``'s data."""
+    model, _ = load_finetuned(path)
+    device = resolve_device(config)
+    loaders = build_data(config, model.img_size[0])
+    if loaders.num_classes != model.num_classes:
+        raise ValueError(f"data: {loaders.num_classes} classes, the checkpoint's head has {model.num_classes}")
+    return evaluate(model.to(device), loaders.eval_loader, device, autocast_dtype(config.precision, device))
