@@ -113,8 +113,8 @@ def test_eval_cli_prints_what_the_score_leaves_out(tmp_path, capsys):
     assert lines[1].startswith(f"note: left out 1 unreadable test image(s): {root / 'val' / 'c' / '1.png'}: ")
     assert lines[2] == "knn top-1 (mean-pooled features, imagefolder), pretrained: 1.0000"
     assert lines[3] == "knn top-1 (mean-pooled features, imagefolder), random init: 1.0000" and len(lines) == 4
-    with pytest.raises(SystemExit, match="limit must be >= 1"):
-        main(["eval", "knn", run.export, "--train-limit", "0"])
+    with pytest.raises(SystemExit, match="mae-fast eval: test_limit must be >= 1 .*, got 0"):
+        main(["eval", "knn", run.export, "--test-limit", "0"])
     (root / "val" / "zebra").mkdir()
     with pytest.raises(SystemExit, match=r"mae-fast eval: .*\['zebra'\] that the training split lacks"):
         main(["eval", "linprobe", run.export])

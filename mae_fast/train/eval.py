@@ -129,6 +129,9 @@ def evaluate(
     ``notes`` as lines for the user when given."""
     if method not in ("knn", "linprobe"):
         raise ValueError(f"method must be 'knn' or 'linprobe', got {method!r}")
+    for name, limit in (("train_limit", train_limit), ("test_limit", test_limit)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"{name} must be >= 1 (or None for all images), got {limit}")
     train_source = data.build_source(config, "train")
     test_source = data.build_source(config, "test", classes=train_source.classes)
     lines = []
