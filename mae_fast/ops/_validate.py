@@ -1,8 +1,10 @@
 """Input checks shared by the ops: each raises ValueError (or TypeError) naming the argument.
 
 Kernels do not bounds-check (the Triton interpreter least of all), so every op validates its inputs on
-the host before launching. Checks that would need a device sync (index ranges) run only on the CPU or
-when ``MAE_FAST_CHECK_INDICES=1``: on a GPU they would stall the stream every step.
+the host before launching. Checks that would need a device sync (index ranges, NaN noise, the values and
+sum of a loss mask) run only on the CPU or when ``MAE_FAST_CHECK_INDICES=1``, and never while tracing or on
+fake tensors (:func:`host_checks_enabled`): on a GPU they would stall the stream every step. Checks of
+shapes, dtypes and Python scalars (sizes, scales, eps) cost nothing and always run.
 """
 
 from __future__ import annotations
