@@ -71,7 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-lr", type=float, default=None)
     parser.add_argument("--weight-decay", type=float, default=None, help=f"default: {d.weight_decay}")
     parser.add_argument("--clip-grad", type=float, default=None, help="clip the global grad norm to this")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None, help="auto: bf16 on GPUs, fp32 on CPUs")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=None, help="auto: bf16 on GPUs, fp32 on CPUs; fp16 adds a GradScaler"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--nonfinite", choices=NONFINITE_POLICIES, default=None, help="on a NaN/inf loss (stop)")
     parser.add_argument("--sharding", choices=SHARDINGS, default=None, help="under torchrun: ddp or fsdp (FSDP2)")

@@ -5,6 +5,12 @@ update of a step with a non-finite loss or gradient norm is skipped on the devic
 ``found_inf`` input), and the host reads the sums every ``log_every`` steps. There the ``nonfinite``
 policy applies: "stop" raises :class:`NonFiniteLossError` (the weights never took the bad update, no new
 checkpoint is written), "skip" logs how many updates were skipped and goes on.
+
+``precision="fp16"`` (GPUs without bf16; the release trained in fp16) runs float16 autocast with torch.amp's
+GradScaler: the loss is scaled before the backward, the gradients are unscaled before the norm (so clipping
+sees true values), and a step whose gradients overflowed at a finite loss is skipped and counted like any
+non-finite step, while the scaler backs off; that is the scaler's normal work, so it never stops the run
+under "stop" (a non-finite loss still does). The scaler's state is checkpointed and resumed exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from mae_fast.train import checkpointing, data, distributed, schedule
 from mae_fast.train.config import TrainConfig
 from mae_fast.train.runmodel import build_model, resolve_device
 from mae_fast.train.visualize import save_loss_curve, save_reconstruction_grid
+
+#: GradScaler's initial loss scale for precision="fp16" (torch's default).
+FP16_INIT_SCALE = 2.0**16
 
 
 class NonFiniteLossError(RuntimeError):
@@ -144,6 +153,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
     scheduler = schedule.build_scheduler(optimizer, warmup_steps, total_steps, peak_lr, config.min_lr)
     found_inf = torch.zeros((), dtype=torch.float32, device=device)
     optimizer.found_inf = found_inf  # read by the fused AdamW: a 1 skips the whole update on the device
+    scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE) if config.precision == "fp16" else None
 
     step, history = 0, []
     if resume is not None:
@@ -155,6 +165,10 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
         step, history = resume.step, [tuple(h) for h in state["metrics"]["history"]]
         rngs = state["rng"]
         checkpointing.set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        elif scaler is not None:
+            _say(ctx, f"resume: {resume.path} was not trained in fp16; the loss scale starts at {FP16_INIT_SCALE:g}")
         _say(ctx, f"resuming from {resume.path} (step {step})")
     else:
         torch.manual_seed(config.seed + ctx.rank)
@@ -168,8 +182,8 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
     result = PretrainResult(config.output_dir, step, total_steps, history=history)
     metrics = _MetricsWriter(config.output_dir, step) if ctx.is_main else None
     step_model = torch.compile(model) if config.compile else model
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    amp_dtype = _autocast_dtype(config.precision, device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     vis_batch = _vis_batch(config, train_data, core) if ctx.is_main and config.visualize else None
     seen_bad: set[str] = set()
@@ -195,6 +209,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
                 "epoch": at_step // steps_per_epoch,
                 "micro_batch": (at_step % steps_per_epoch) * config.accum_steps,
                 "rng": rngs,
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "metrics": {"history": [list(h) for h in result.history]},
                 "config": config.to_dict(),
                 "world_size": ctx.world_size,
@@ -215,6 +230,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     good_steps = torch.zeros((), dtype=torch.float64, device=device)
     bad_steps = torch.zeros((), dtype=torch.float64, device=device)
+    fatal_steps = torch.zeros((), dtype=torch.float64, device=device)  # bad steps the scaler does not explain
     last_norm = torch.zeros((), dtype=torch.float32, device=device)
     window_start, window_step = time.perf_counter(), step
     fsdp = ctx.distributed and config.sharding == "fsdp"
@@ -248,18 +264,24 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
                         with sync:
                             with autocast:
                                 loss, _, _ = step_model(imgs, config.mask_ratio, noise)
-                            (loss / config.accum_steps).backward()
+                            scaled = loss / config.accum_steps
+                            (scaler.scale(scaled) if scaler is not None else scaled).backward()
                         step_loss += loss.detach().float()
                     step_loss /= config.accum_steps
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)  # no host sync; records the overflow for update()
                     norm = _grad_norm(params, config.clip_grad)
                     bad = ~(torch.isfinite(step_loss) & torch.isfinite(norm))
                     found_inf.copy_(bad)
                     optimizer.step()
+                    if scaler is not None:
+                        scaler.update()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum += torch.where(bad, 0.0, step_loss.double())
                     good_steps += (~bad).double()
                     bad_steps += bad.double()
+                    fatal_steps += (bad if scaler is None else ~torch.isfinite(step_loss)).double()
                     last_norm.copy_(torch.where(bad, last_norm, norm.float()))
                     step += 1
                     result.step = step
@@ -270,8 +292,8 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
                     checkpointing_now = bool(config.ckpt_every) and step % config.ckpt_every == 0
                     if step % config.log_every == 0 or step == end_step or stopping or checkpointing_now:
                         flag = torch.tensor(float(stop.signal_name is not None), dtype=torch.float64, device=device)
-                        totals = distributed.sum_tensor(torch.stack([loss_sum, good_steps, bad_steps, flag]), ctx)
-                        total_loss, n_good, n_bad, n_stop = totals.tolist()
+                        stacked = torch.stack([loss_sum, good_steps, bad_steps, fatal_steps, flag])
+                        total_loss, n_good, n_bad, n_fatal, n_stop = distributed.sum_tensor(stacked, ctx).tolist()
                         elapsed = time.perf_counter() - window_start
                         images = (step - window_step) * config.batch_size
                         record = {
@@ -284,6 +306,8 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
                             "skipped_steps": result.skipped_steps + int(n_bad / ctx.world_size),
                             "bad_images": result.bad_images,
                         }
+                        if scaler is not None:
+                            record["loss_scale"] = scaler.get_scale()
                         result.skipped_steps = record["skipped_steps"]
                         if n_good:
                             result.history.append((step, record["loss"]))
@@ -295,13 +319,13 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
                                 lr=f"{record['lr']:.2e}",
                                 img_s=f"{record['img_per_s']:.0f}",
                             )
-                        if n_bad and config.nonfinite == "stop":
+                        if n_fatal and config.nonfinite == "stop":
                             raise NonFiniteLossError(
-                                f"non-finite loss or gradient in {int(n_bad / ctx.world_size)} of the steps "
+                                f"non-finite loss or gradient in {int(n_fatal / ctx.world_size)} of the steps "
                                 f"{window_step + 1}..{step}; those updates were skipped, nothing was saved after "
                                 f"them (nonfinite='skip' goes on instead)"
                             )
-                        for accumulator in (loss_sum, good_steps, bad_steps):
+                        for accumulator in (loss_sum, good_steps, bad_steps, fatal_steps):
                             accumulator.zero_()
                         window_start, window_step = time.perf_counter(), step
                         if n_stop:
@@ -372,6 +396,15 @@ def _drop_outputs_after(output_dir: str, replaced: list[str], step: int) -> None
             replaced = [*replaced, os.path.join(pictures, name)]
     for path in replaced:
         os.remove(path)
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting ("auto": bf16 on GPUs, none on the CPU), or None for fp32."""
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def _grad_norm(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
