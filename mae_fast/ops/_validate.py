@@ -122,11 +122,13 @@ def mask_weights(mask: torch.Tensor, name: str = "mask") -> None:
         raise TypeError(f"{name} must be bool, integer or floating point, got {mask.dtype}")
     if mask.numel() == 0 or not host_checks_enabled(mask):
         return
-    values = mask.double() if mask.is_floating_point() else mask.long()
-    if not bool(values.isfinite().all()) or bool((values < 0).any()):
-        low, high = values.min().item(), values.max().item()
+    if mask.dtype == torch.bool:
+        low, high = 0.0, float(mask.any())
+    else:  # one pass; NaN propagates into both, and fails both comparisons below
+        low, high = (float(v) for v in torch.aminmax(mask))
+    if not (low >= 0 and high < math.inf):
         raise ValueError(f"{name} values must be finite and >= 0 (1 = removed), got values in [{low}, {high}]")
-    if not bool(values.sum() > 0):
+    if high == 0:  # all values in [0, 0]: the sum is 0
         raise ValueError(f"{name} removes no patch (its sum is 0): the loss over removed patches is undefined")
 
 
