@@ -174,17 +174,18 @@ def test_pretraining_through_the_bytes_pipeline_resumes_bit_exactly_and_counts_b
     (root / "class0" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (root / "class1" / "notes.jpg").write_text("not a picture")
     streams = []
-    monkeypatch.setattr(
-        data, "build_train_data", lambda *a: streams.append(encoded_data.build_encoded_train_data(*a)) or streams[-1]
-    )
+    build = encoded_data.build_encoded_train_data
+    monkeypatch.setattr(encoded_data, "build_encoded_train_data", lambda *a: streams.append(build(*a)) or streams[-1])
+    common = dict(data_path=str(root), accum_steps=2, decode_on="device")  # on the CPU only when asked
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = pretrain(tiny_config(tmp_path, "full", data_path=str(root), accum_steps=2))
-        first = pretrain(tiny_config(tmp_path, "split", data_path=str(root), accum_steps=2, max_steps=4))
-        second = pretrain(tiny_config(tmp_path, "split", data_path=str(root), accum_steps=2, resume="auto",
-                                      num_workers=2))
+        full = pretrain(tiny_config(tmp_path, "full", **common))
+        first = pretrain(tiny_config(tmp_path, "split", max_steps=4, **common))
+        second = pretrain(tiny_config(tmp_path, "split", resume="auto", num_workers=2, **common))
+        pixels = pretrain(tiny_config(tmp_path, "pixels", data_path=str(root), accum_steps=2, max_steps=1))
     assert full.step == 9 and first.step == 4 and second.step == 9
     assert len(streams) == 3 and all(isinstance(t.loader, encoded_data.DecodedBatches) for t in streams)
+    assert pixels.step == 1 and len(streams) == 3  # decode_on=None on the CPU: the Pillow pipeline
     assert full.bad_images == 2 * 3  # both files, each of the 3 epochs
     assert second.history == full.history
     a, b = (torch.load(r.export, weights_only=True)["model"] for r in (full, second))

@@ -178,6 +178,7 @@ def test_weight_decay_groups():
         (dict(epochs=0), "epochs must be a positive int"),
         (dict(warmup_epochs=5.0), "warmup_epochs=5.0 exceeds epochs=3"),
         (dict(precision="fp8"), "precision must be one of"),
+        (dict(decode_on="gpu"), "decode_on must be one of"),
         (dict(clip_grad=-1.0), "clip_grad must be positive"),
     ],
 )

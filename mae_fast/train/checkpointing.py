@@ -91,9 +91,9 @@ TRAINING_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "micro_batc
 # Config fields a resume may change: where and how the run executes and reports, and how long it goes on.
 # Every other field is fixed by the checkpoint (weights, optimizer and schedule state, data order).
 RESUME_MAY_CHANGE = (
-    "resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "device", "backend", "compile",
-    "precision", "sharding", "nonfinite", "data_path", "log_every", "ckpt_every", "keep_last", "visualize",
-    "num_vis", "progress",
+    "resume", "overwrite", "output_dir", "epochs", "max_steps", "num_workers", "decode_on", "device", "backend",
+    "compile", "precision", "sharding", "nonfinite", "data_path", "log_every", "ckpt_every", "keep_last",
+    "visualize", "num_vis", "progress",
 )  # fmt: skip
 
 

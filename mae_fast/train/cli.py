@@ -14,7 +14,7 @@ import time
 
 from mae_fast.dispatch import BACKENDS
 from mae_fast.train import checkpointing
-from mae_fast.train.config import DATA_SOURCES, NONFINITE_POLICIES, PRECISIONS, SHARDINGS, TrainConfig
+from mae_fast.train.config import DATA_SOURCES, DECODE_ON, NONFINITE_POLICIES, PRECISIONS, SHARDINGS, TrainConfig
 
 # The demo: a 3-block, 64-wide encoder on 28x28 Fashion-MNIST (49 patches of 4x4), 1-block 32-wide decoder,
 # 6 epochs of the 10k-image subset at batch 128 (468 steps, peak lr 2.5e-3).
@@ -60,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["auto", *BACKENDS], default=None, help="the ops' backend (default: auto)")
     parser.add_argument("--data", choices=DATA_SOURCES, default=None, help=f"default: {d.data}")
     parser.add_argument("--data-path", default=None, help="ImageNet-layout folder for --data imagefolder")
+    parser.add_argument(
+        "--decode-on",
+        choices=DECODE_ON,
+        default=None,
+        help="ImageFolder decode + augmentation: device (batched where the model runs, the default on a GPU) or cpu "
+        "(Pillow in the DataLoader workers, the default on the CPU)",
+    )
     parser.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers (default: {d.num_workers})")
     parser.add_argument("--epochs", type=int, default=None, help=f"default: {d.epochs}")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this step (schedule unchanged)")
@@ -94,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _FLAGS = (
-    "model", "model_kwargs", "img_size", "mask_ratio", "backend", "data", "data_path", "num_workers", "epochs",
+    "model", "model_kwargs", "img_size", "mask_ratio", "backend", "data", "data_path", "num_workers", "decode_on",
+    "epochs",
     "max_steps", "warmup_epochs", "batch_size", "accum_steps", "blr", "lr", "min_lr", "weight_decay", "clip_grad",
     "precision", "nonfinite", "sharding", "seed", "device", "output_dir", "log_every", "ckpt_every", "keep_last",
     "resume",

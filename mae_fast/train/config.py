@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from mae_fast.dispatch import BACKENDS
 
 DATA_SOURCES = ("fashion-mnist", "synthetic", "imagefolder")
+DECODE_ON = ("device", "cpu")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 NONFINITE_POLICIES = ("stop", "skip")
 SHARDINGS = ("ddp", "fsdp")
@@ -40,6 +41,7 @@ class TrainConfig:
     data: str = "fashion-mnist"
     data_path: str | None = None
     num_workers: int = 2
+    decode_on: str | None = None  # ImageFolder: "device" (bytes pipeline), "cpu" (Pillow); None: device on GPUs
     # optimisation
     epochs: int = 1
     max_steps: int | None = None
@@ -130,6 +132,10 @@ class TrainConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.decode_on not in (None, *DECODE_ON):
+            raise ValueError(
+                f"decode_on must be one of {DECODE_ON} or None (the device on a GPU, else cpu), got {self.decode_on!r}"
+            )
         if self.precision == "fp16" and self.sharding == "fsdp":
             raise ValueError(
                 "precision='fp16' with sharding='fsdp' is not supported (the GradScaler here is not FSDP's sharded "

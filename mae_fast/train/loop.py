@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mae_fast.train import checkpointing, data, distributed, schedule
+from mae_fast.train import checkpointing, data, distributed, encoded_data, schedule
 from mae_fast.train.config import TrainConfig
 from mae_fast.train.runmodel import build_model, resolve_device
 from mae_fast.train.visualize import save_loss_curve, save_reconstruction_grid
@@ -141,7 +141,8 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
     resume = checkpointing.resolve_resume(config.resume, ckpt_dir)
     newer = _check_run_folder(config, ckpt_dir, resume)
     core = model = build_model(config, device)  # core: the bare MAE, whatever wrapping follows
-    train_data = data.build_train_data(config, core.img_size[0], core.num_patches, ctx.world_size, ctx.rank, device)
+    build_data = encoded_data.build_encoded_train_data if _decodes_on_device(config, device) else data.build_train_data
+    train_data = build_data(config, core.img_size[0], core.num_patches, ctx.world_size, ctx.rank, device)
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
     end_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
@@ -396,6 +397,14 @@ def _drop_outputs_after(output_dir: str, replaced: list[str], step: int) -> None
             replaced = [*replaced, os.path.join(pictures, name)]
     for path in replaced:
         os.remove(path)
+
+
+def _decodes_on_device(config: TrainConfig, device: torch.device) -> bool:
+    """ImageFolder data through the bytes pipeline (decode and augment where the model runs): by default on a
+    GPU, on the CPU when asked with decode_on="device". Both give the same batches up to resampling."""
+    if config.data != "imagefolder":
+        return False
+    return config.decode_on == "device" or (config.decode_on is None and device.type == "cuda")
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
