@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "pretrain": ("mae_fast.train.cli", "MAE pretraining (--demo: the README's demo on the embedded data)"),
     "visualize": ("mae_fast.train.visualize", "reconstruction grid of a pretrained MAE for image files"),
     "eval": ("mae_fast.train.eval", "kNN or linear-probe accuracy of a pretrained encoder"),
+    "finetune": ("mae_fast.train.finetune", "fine-tune a pretrained encoder (--demo: pretrained vs scratch)"),
 }
 
 
