@@ -27,7 +27,7 @@ CASES = {
     "full_image_downscaled": ([(1, 24, 17), (1, 20, 20)], [(0, 0, 24, 17), (0, 0, 20, 20)], (8, 12)),
     "full_image_same_size": ([(3, 13, 10)], [(0, 0, 13, 10)], (13, 10)),
     "extreme_aspect_ratios": ([(1, 6, 40), (1, 33, 4)], [(2, 3, 2, 30), (0, 2, 33, 1)], (12, 6)),
-    "up_and_down": ([(3, 16, 21), (3, 32, 32)], [(2, 3, 7, 9), (0, 0, 32, 32)], (20, 7)),
+    "up_and_down": ([(3, 16, 21), (3, 24, 20)], [(2, 3, 7, 9), (0, 0, 24, 20)], (20, 7)),
     "to_one_pixel": ([(3, 8, 9), (3, 5, 5)], [(1, 2, 6, 5), (2, 2, 1, 1)], (1, 1)),
     "odd_sizes_mixed": ([(1, 17, 29), (1, 31, 13), (1, 3, 3)], [(5, 1, 11, 27), (3, 0, 28, 13), (1, 1, 2, 2)], (9, 11)),
     # outputs over 32 x 32: several Triton tiles per image, the last ones partial
@@ -79,21 +79,13 @@ def test_within_one_level_of_the_reference(backend, case, normalise):
     assert error <= 1.0, f"{case}: {error:.3f} levels from the reference"
     if not normalise:
         assert 0.0 <= out.min().item() and out.max().item() <= 1.0
-
-
-@pytest.mark.backends("torch", "triton")
-@pytest.mark.parametrize("case", list(CASES), ids=str)
-def test_float_backends_compute_the_exact_interpolant(backend, case):
-    """Without rounding to levels, the float32 backends equal the float64 interpolant to ~1e-3 levels (the
-    flip included: a mirrored column would be off by many levels). The bound holds for these small images:
-    fp32 source positions carry a rounding error that grows with the image (see the GPU test)."""
-    shapes, boxes, size = CASES[case]
-    images = random_images(shapes, backend.device)
-    boxes, flip = torch.tensor(boxes), torch.rand(len(images)) < 0.5
-    out = ops.resized_crop(images, boxes, size, flip, backend=backend.name)
-    exact = resized_crop_spec(images, boxes, size, flip, None, None, torch.float64, torch.float64, rounded=False)
-    error = ((out.double() - exact).abs().max() * 255).item()
-    assert error <= 2e-3, f"{case}: {error:.2e} levels from the float64 interpolant"
+    if backend.name != "reference" and not normalise:
+        # Not rounded to levels, the float32 backends equal the float64 interpolant to ~1e-3 levels (a wrong
+        # tap or a mirrored column would be off by many). The bound holds for these small images: fp32 source
+        # positions carry a rounding error that grows with the image (see the GPU test).
+        exact = resized_crop_spec(images, boxes, size, flip, None, None, torch.float64, torch.float64, rounded=False)
+        error = ((out.double() - exact).abs().max() * 255).item()
+        assert error <= 2e-3, f"{case}: {error:.2e} levels from the float64 interpolant"
 
 
 @pytest.mark.backends("torch", "triton")
@@ -123,15 +115,15 @@ def test_flip_mirrors_the_columns(backend):
 def test_strided_images_and_int32_boxes(backend):
     """Images as a decoder may hand them over (HWC memory viewed as CHW, a crop of a larger buffer) and
     int32 boxes give what contiguous images and int64 boxes give."""
-    hwc = torch.randint(0, 256, (14, 19, 3), dtype=torch.uint8, device=backend.device)
-    big = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, device=backend.device)
-    images = [hwc.permute(2, 0, 1), big[:, 3:17, 5:24]]
+    hwc = torch.randint(0, 256, (10, 13, 3), dtype=torch.uint8, device=backend.device)
+    big = torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8, device=backend.device)
+    images = [hwc.permute(2, 0, 1), big[:, 3:13, 5:18]]
     assert not any(image.is_contiguous() for image in images)
-    boxes = torch.tensor([[1, 2, 12, 15], [0, 0, 14, 19]], dtype=torch.int32)
+    boxes = torch.tensor([[1, 2, 8, 11], [0, 0, 10, 13]], dtype=torch.int32)
     flip = torch.tensor([True, False])
-    out = ops.resized_crop(images, boxes, (7, 9), flip, MEAN, STD, backend=backend.name)
+    out = ops.resized_crop(images, boxes, (5, 6), flip, MEAN, STD, backend=backend.name)
     dense = [image.contiguous() for image in images]
-    expected = ops.resized_crop(dense, boxes.long(), (7, 9), flip, MEAN, STD, backend=backend.name)
+    expected = ops.resized_crop(dense, boxes.long(), (5, 6), flip, MEAN, STD, backend=backend.name)
     assert torch.equal(out, expected)
 
 
