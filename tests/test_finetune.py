@@ -218,3 +218,39 @@ def test_presets_hold_the_release_numbers():
     assert (h.blr, h.layer_decay, h.drop_path, h.epochs) == (1e-3, 0.75, 0.3, 50)
     assert (b.batch_size, b.mixup, b.cutmix, b.reprob, b.smoothing) == (1024, 0.8, 1.0, 0.25, 0.1)
     assert FinetuneConfig.from_dict({"preset": "vit_l", "epochs": 3, "data": "fashion-mnist"}).epochs == 3
+
+
+def test_official_encoder_only_file_fine_tunes_on_an_rgb_folder(tmp_path):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(4):
+                pixels = torch.randint(0, 256, (40, 44, 3), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / label / f"{i}.png")
+    mae = create_model("mae_vit_tiny_patch4_32", embed_dim=32, depth=2, num_heads=4)
+    encoder = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask"))}
+    torch.save({"model": encoder}, tmp_path / "mae_pretrain_vit_tiny.pth")  # the release's encoder-only layout
+    config = FinetuneConfig(
+        pretrained=str(tmp_path / "mae_pretrain_vit_tiny.pth"), model="vit_tiny_patch4_32",
+        model_kwargs=dict(embed_dim=32, depth=2, num_heads=4), data="imagefolder", data_path=str(tmp_path / "data"),
+        epochs=1, batch_size=4, warmup_epochs=0.0, num_workers=0, output_dir=str(tmp_path / "run"), progress=False,
+    )  # fmt: skip
+    result = finetune(config.validate())
+    assert result.step == 2 and result.final["count"] == 8
+    assert "fc_norm.weight" in result.load_report and os.path.isfile(tmp_path / "run" / "confusion_matrix.png")
+
+
+def test_official_sizes_are_recognised_from_the_weights():
+    from mae_fast.train.finetune import classifier_kwargs
+
+    for name, heads in (("mae_vit_base_patch16", 12), ("mae_vit_large_patch16", 16), ("mae_vit_huge_patch14", 16)):
+        with torch.device("meta"):
+            state = create_model(name).state_dict()
+        kwargs = classifier_kwargs(FinetuneConfig(data="imagefolder"), 1000, 3, state, {})
+        assert kwargs["num_heads"] == heads and kwargs["embed_dim"] == state["cls_token"].shape[-1]
+        assert kwargs["img_size"] == 224  # the pretrained grid unless --img-size (then pos_embed is interpolated)
+        kwargs = classifier_kwargs(FinetuneConfig(data="imagefolder", img_size=448), 1000, 3, state, {})
+        assert kwargs["img_size"] == 448

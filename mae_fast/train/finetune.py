@@ -281,6 +281,8 @@ def classifier_kwargs(config: FinetuneConfig, num_classes: int, in_chans: int, s
     img_size = config.img_size
     if img_size is None and settings.get("img_size"):
         img_size = int(settings["img_size"])
+    if img_size is None and state is not None:  # the pretrained grid (square)
+        img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * kwargs["patch_size"]
     if img_size is None:
         img_size = 28 if config.data == "fashion-mnist" else kwargs.get("img_size", 224)
     kwargs.update(
