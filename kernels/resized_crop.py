@@ -145,7 +145,7 @@ def resized_crop(
     out = new_output((batch, channels, out_h, out_w), store_dtype, pixels.device)
     block_y, block_x, num_warps = launch_config(out_h, out_w)
     grid = (batch * channels, triton.cdiv(out_h, block_y), triton.cdiv(out_w, block_x))
-    flip_arg = boxes if flip is None else flip.view(torch.uint8)  # a placeholder pointer when there is no flip
+    flip_arg = boxes if flip is None else flip.contiguous().view(torch.uint8)  # boxes: a placeholder pointer
     with device_guard(pixels):
         _resized_crop_kernel[grid](
             pixels, offsets, shapes, boxes.contiguous(), flip_arg, scale_shift.contiguous(), out,

@@ -113,17 +113,17 @@ def test_flip_mirrors_the_columns(backend):
 
 @pytest.mark.backends("reference", "torch", "triton")
 def test_strided_images_and_int32_boxes(backend):
-    """Images as a decoder may hand them over (HWC memory viewed as CHW, a crop of a larger buffer) and
-    int32 boxes give what contiguous images and int64 boxes give."""
+    """Images as a decoder may hand them over (HWC memory viewed as CHW, a crop of a larger buffer), int32
+    boxes and a strided flip give what contiguous images, int64 boxes and a contiguous flip give."""
     hwc = torch.randint(0, 256, (10, 13, 3), dtype=torch.uint8, device=backend.device)
     big = torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8, device=backend.device)
     images = [hwc.permute(2, 0, 1), big[:, 3:13, 5:18]]
     assert not any(image.is_contiguous() for image in images)
     boxes = torch.tensor([[1, 2, 8, 11], [0, 0, 10, 13]], dtype=torch.int32)
-    flip = torch.tensor([True, False])
+    flip = torch.tensor([True, True, False, False])[::2]  # strided: True, False
     out = ops.resized_crop(images, boxes, (5, 6), flip, MEAN, STD, backend=backend.name)
     dense = [image.contiguous() for image in images]
-    expected = ops.resized_crop(dense, boxes.long(), (5, 6), flip, MEAN, STD, backend=backend.name)
+    expected = ops.resized_crop(dense, boxes.long(), (5, 6), flip.contiguous(), MEAN, STD, backend=backend.name)
     assert torch.equal(out, expected)
 
 
