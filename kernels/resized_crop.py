@@ -58,12 +58,12 @@ def _resized_crop_kernel(
     """Grid (B * C, cdiv(OUT_H, BLOCK_Y), cdiv(OUT_W, BLOCK_X)); out [B, C, OUT_H, OUT_W] contiguous."""
     image = tl.program_id(0) // C
     channel = tl.program_id(0) % C
+    height = tl.load(shapes_ptr + image * 2)
     width = tl.load(shapes_ptr + image * 2 + 1)
     top = tl.load(boxes_ptr + image * 4).to(tl.int32)
     left = tl.load(boxes_ptr + image * 4 + 1).to(tl.int32)
     crop_h = tl.load(boxes_ptr + image * 4 + 2).to(tl.int32)
     crop_w = tl.load(boxes_ptr + image * 4 + 3).to(tl.int32)
-    height = tl.load(shapes_ptr + image * 2)
     plane = pixels_ptr + tl.load(offsets_ptr + image) + channel.to(tl.int64) * height * width
 
     ys = tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y)
