@@ -254,3 +254,21 @@ def test_official_sizes_are_recognised_from_the_weights():
         assert kwargs["img_size"] == 224  # the pretrained grid unless --img-size (then pos_embed is interpolated)
         kwargs = classifier_kwargs(FinetuneConfig(data="imagefolder", img_size=448), 1000, 3, state, {})
         assert kwargs["img_size"] == 448
+
+
+def test_demo_pretrains_when_missing_and_prints_one_line(tmp_path, monkeypatch, capsys):
+    import argparse
+    import re
+
+    from mae_fast.train import cli as pretrain_cli
+    from mae_fast.train import finetune as finetune_module
+
+    monkeypatch.setattr(pretrain_cli, "DEMO", {**pretrain_cli.DEMO, "max_steps": 2, "visualize": False})
+    monkeypatch.setattr(finetune_module, "DEMO", {**finetune_module.DEMO, "train_limit": 64, "epochs": 1,
+                                                  "batch_size": 32, "num_workers": 0})  # fmt: skip
+    assert finetune_module.run(argparse.Namespace(demo=True, output_dir=str(tmp_path))) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fine-tune top-1:")]
+    assert len(lines) == 1
+    assert re.match(r"fine-tune top-1: pretrained 0\.\d{4} vs scratch 0\.\d{4} \(margin [+-]\d+\.\d points\)", lines[0])
+    assert os.path.isfile(tmp_path / "mae_pretrain.pth")
+    assert os.path.isfile(tmp_path / "finetune" / "scratch" / "finetuned.pth")
