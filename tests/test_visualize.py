@@ -147,3 +147,26 @@ def test_visualize_out_directory_writes_inside_it(tmp_path, export_and_image, ca
     assert main(["visualize", export, image, "--out", str(folder)]) == 0
     assert os.listdir(folder) == ["reconstruction.png"] and sorted(os.listdir(tmp_path)) == ["pictures"]
     assert f"wrote {folder / 'reconstruction.png'}:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ratio, message", [("0", r"in \(0, 1\)"), ("1", r"in \(0, 1\)"), ("0.99", "keeps no")])
+def test_visualize_refuses_a_mask_ratio_that_removes_or_keeps_everything(tmp_path, export_and_image, ratio, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["visualize", *export_and_image, "--mask-ratio", ratio, "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_visualize_reads_a_16_bit_image_as_training_does(tmp_path, export_and_image, capsys):
+    """A 16-bit PNG's mid-grey is mid-grey (scaled, not clipped to white); a FIFO is refused in one line."""
+    from PIL import Image
+
+    from mae_fast.train.visualize import load_image
+
+    grey = tmp_path / "grey16.png"
+    Image.fromarray(np.full((20, 20), 32768, dtype=np.uint16)).save(grey)
+    pixels = load_image(str(grey), 3, 16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert torch.allclose(pixels, torch.full_like(pixels, 128 / 255))
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(SystemExit, match="^mae-fast visualize: cannot read image .*pipe.png: a FIFO"):
+        main(["visualize", export_and_image[0], str(fifo), "--out", str(tmp_path / "x.png")])

@@ -108,23 +108,28 @@ def save_loss_curve(history: list[tuple[int, float]], path: str) -> str:
 
 
 def load_image(path: str, in_chans: int, img_size: int, mean, std) -> torch.Tensor:
-    """An image file -> normalised float32 [C, S, S]: shorter side resized to S (bicubic), centre crop."""
+    """An image file -> normalised float32 [C, S, S]: shorter side resized to S (bicubic), centre crop.
+
+    Read as training reads it (:func:`mae_fast.train.data.decode_image_file`): regular files only, 16-bit and
+    float images scaled to 8 bits, decompression bombs refused."""
     import numpy as np
     from PIL import Image
 
-    if not os.path.isfile(path):
+    from mae_fast.train.data import UnreadableImage, decode_image_file
+
+    if not os.path.exists(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if in_chans == 1 else "RGB")
-            width, height = image.size
-            scale = img_size / min(width, height)
-            size = (max(img_size, round(width * scale)), max(img_size, round(height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC)
-            left, top = (size[0] - img_size) // 2, (size[1] - img_size) // 2
-            array = np.asarray(image.crop((left, top, left + img_size, top + img_size)), dtype=np.float32)
-    except OSError as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+        rgb = decode_image_file(path)
+    except UnreadableImage as error:
+        raise ValueError(f"cannot read image {error.record.path}: {error.record.reason}") from error
+    image = Image.fromarray(rgb.permute(1, 2, 0).numpy()).convert("L" if in_chans == 1 else "RGB")
+    width, height = image.size
+    scale = img_size / min(width, height)
+    size = (max(img_size, round(width * scale)), max(img_size, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - img_size) // 2, (size[1] - img_size) // 2
+    array = np.asarray(image.crop((left, top, left + img_size, top + img_size)), dtype=np.float32)
     tensor = torch.from_numpy(array.copy()).div_(255.0)
     tensor = tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
     return (tensor - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
@@ -158,9 +163,12 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:  # a checkpoint or image that is missing or unreadable
         raise SystemExit(f"mae-fast visualize: {error}") from error
     mask_ratio = config.mask_ratio if args.mask_ratio is None else args.mask_ratio
-    if not 0.0 <= mask_ratio < 1.0:
-        raise SystemExit(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
+    if not 0.0 < mask_ratio < 1.0:
+        raise SystemExit(f"--mask-ratio must be in (0, 1), got {mask_ratio}")
     noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    path = save_reconstruction_grid(model, imgs, noise, mean, std, mask_ratio, out)
+    try:
+        path = save_reconstruction_grid(model, imgs, noise, mean, std, mask_ratio, out)
+    except ValueError as error:  # the model's own check: a ratio that keeps every patch of this grid, or none
+        raise SystemExit(f"mae-fast visualize: --mask-ratio: {error}") from error
     print(f"wrote {path}: {len(args.images)} images, mask ratio {mask_ratio}")
     return 0
