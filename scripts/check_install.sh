@@ -5,7 +5,7 @@
 # temporary working directory, with PYTHONPATH naming that folder only, checks that:
 #   - every source file of mae_fast/ and kernels/ and every data file is installed, and every module is
 #     imported from there (not from the checkout), mae_fast._C too when the wheel has it;
-#   - python -m mae_fast info, pretrain --help, eval --help, visualize --help exit 0;
+#   - python -m mae_fast info, pretrain --help, finetune --help, eval --help, visualize --help exit 0;
 #   - python -m mae_fast bench exits 2 and says that it needs a source checkout;
 #   - the generated mae-fast console script lists the subcommands, runs eval --help and refuses bench alike.
 # The interpreter is a throwaway venv of .venv's Python that sees .venv's site-packages through a plain
@@ -121,7 +121,7 @@ expect 0 "python -m mae_fast info" "$python" -m mae_fast info
 if [ "$has_extension" = 1 ]; then
   grep -q "mae_fast._C loaded" "$tmp/out" || fail "mae-fast info does not report mae_fast._C as loaded: $(cat "$tmp/out")"
 fi
-for verb in pretrain eval visualize; do
+for verb in pretrain finetune eval visualize; do
   expect 0 "python -m mae_fast $verb --help" "$python" -m mae_fast "$verb" --help
   grep -q "usage: mae-fast $verb" "$tmp/out" || fail "mae-fast $verb --help printed no usage of $verb"
 done
@@ -132,7 +132,7 @@ script=$tmp/site/bin/mae-fast
 [ -f "$script" ] || fail "the wheel installed no mae-fast console script"
 expect 0 "mae-fast --help (the console script as is, with its #! line)" "$script" --help
 expect 0 "mae-fast --help (console script)" "$python" "$script" --help
-for verb in info bench pretrain visualize eval; do
+for verb in info bench pretrain finetune visualize eval; do
   grep -q "$verb" "$tmp/out" || fail "mae-fast --help does not list $verb"
 done
 expect 0 "mae-fast eval --help (console script)" "$python" "$script" eval --help

@@ -19,6 +19,7 @@ OWN_OPTIONS = {
     "pretrain": "--mask-ratio",
     "visualize": "--out",
     "eval": "--random-init",
+    "finetune": "--layer-decay",
 }
 
 
