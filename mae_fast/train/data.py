@@ -426,6 +426,30 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def resumable_loader(config, dataset, collate_fn, world_size: int, rank: int, device):
+    """(DataLoader, ResumableSampler, optimizer steps per epoch) of ``dataset`` for this rank: micro-batches
+    of config.micro_batch(world_size), workers that ignore stop signals, pinned memory for CUDA."""
+    micro_batch = config.micro_batch(world_size)
+    sampler = ResumableSampler(dataset, world_size, rank, config.seed)
+    steps = sampler.num_samples // micro_batch // config.accum_steps
+    if steps < 1:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(dataset)} images of the training set")
+    workers = config.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.device(device).type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
+    )
+    return loader, sampler, steps
+
+
 def build_train_data(config, img_size: int, num_patches: int, world_size: int, rank: int, device) -> TrainData:
     """The training stream of ``config`` for this rank (micro-batches of config.micro_batch(world_size))."""
     micro_batch = config.micro_batch(world_size)
@@ -438,23 +462,7 @@ def build_train_data(config, img_size: int, num_patches: int, world_size: int, r
         return TrainData(batches, None, steps, 3, img_size, None)
     source = build_source(config, "train")
     dataset = MAEDataset(source, img_size, num_patches, config.seed, train=True)
-    sampler = ResumableSampler(dataset, world_size, rank, config.seed)
-    steps = sampler.num_samples // micro_batch // config.accum_steps
-    if steps < 1:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(dataset)} images of the training set")
-    workers = config.num_workers
-    loader = DataLoader(
-        dataset,
-        batch_size=micro_batch,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=torch.device(device).type == "cuda",
-        drop_last=True,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=ignore_stop_signals,
-    )
+    loader, sampler, steps = resumable_loader(config, dataset, collate, world_size, rank, device)
     return TrainData(loader, sampler, steps, source.in_chans, img_size, source)
 
 

@@ -25,18 +25,17 @@ import stat
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
 from mae_fast.train.data import (
     BadImage,
     ImageFolderSource,
-    ResumableSampler,
     TrainData,
     UnreadableImage,
     build_source,
     decode_image_file,
-    ignore_stop_signals,
     random_resized_crop_box,
+    resumable_loader,
     sample_seed,
 )
 
@@ -349,25 +348,8 @@ def build_encoded_train_data(
     sampler, positions and batches of config.micro_batch(world_size) as data.build_train_data."""
     if config.data != "imagefolder":
         raise ValueError(f"the bytes pipeline reads ImageFolder data, got data={config.data!r}")
-    micro_batch = config.micro_batch(world_size)
     source = build_source(config, "train")
     dataset = EncodedImageDataset(source, num_patches, config.seed)
-    sampler = ResumableSampler(dataset, world_size, rank, config.seed)
-    steps = sampler.num_samples // micro_batch // config.accum_steps
-    if steps < 1:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(dataset)} images of the training set")
-    workers = config.num_workers
-    loader = DataLoader(
-        dataset,
-        batch_size=micro_batch,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate_encoded,
-        pin_memory=torch.device(device).type == "cuda",
-        drop_last=True,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=ignore_stop_signals,
-    )
+    loader, sampler, steps = resumable_loader(config, dataset, collate_encoded, world_size, rank, device)
     decoder = BatchDecoder(source, img_size, num_patches, config.seed, device, crop=crop)
     return TrainData(DecodedBatches(loader, decoder), sampler, steps, source.in_chans, img_size, source)
