@@ -272,3 +272,26 @@ def test_demo_pretrains_when_missing_and_prints_one_line(tmp_path, monkeypatch, 
     assert re.match(r"fine-tune top-1: pretrained 0\.\d{4} vs scratch 0\.\d{4} \(margin [+-]\d+\.\d points\)", lines[0])
     assert os.path.isfile(tmp_path / "mae_pretrain.pth")
     assert os.path.isfile(tmp_path / "finetune" / "scratch" / "finetuned.pth")
+
+
+def test_a_transformers_vitmae_folder_loads(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from mae_fast.models.classifier import encoder_state_dict
+
+    config = ViTMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=16,
+        patch_size=4, num_channels=1, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2, decoder_intermediate_size=64, layer_norm_eps=1e-6,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = ViTMAEForPreTraining(config)
+    hf.save_pretrained(tmp_path / "hf")
+    model = VisionTransformerClassifier(**TINY)
+    load_pretrained(model, str(tmp_path / "hf"))
+    layer = hf.vit.layers[0] if hasattr(hf.vit, "layers") else hf.vit.encoder.layer[0]
+    assert torch.equal(model.blocks[0].norm1.weight, layer.layernorm_before.weight)
+    assert torch.equal(model.patch_embed.proj.weight, hf.vit.embeddings.patch_embeddings.projection.weight)
+    with pytest.raises(ValueError, match="pretrained: .*config"):
+        encoder_state_dict(hf.state_dict())

@@ -8,6 +8,7 @@ the patch tokens + ``fc_norm``, the release's default) or ``global_pool="token"`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -197,18 +198,25 @@ class PretrainedLoad:
         return "; ".join(parts)
 
 
-def _encoder_state(path_or_state) -> dict[str, torch.Tensor]:
-    """A ViT encoder state_dict in timm / release names from a file or dict: an MAE export or training
-    checkpoint of mae_fast, the release's ``mae_pretrain_vit_*.pth`` / ``mae_visualize_vit_*.pth``, a timm
-    ViT, or a transformers ViTMAE / ViT checkpoint (converted by the interop loader)."""
+def encoder_state_dict(path_or_state) -> dict[str, torch.Tensor]:
+    """A ViT encoder state_dict in timm / release names: from an MAE export or training checkpoint of
+    mae_fast, the release's ``mae_pretrain_vit_*.pth`` / ``mae_visualize_vit_*.pth`` or a timm ViT (a file
+    or a dict), or from transformers' ViTMAE (a model or a ``save_pretrained`` folder, converted by
+    :func:`mae_fast.interop.from_transformers`, which needs the folder's config)."""
     from mae_fast.interop._common import state_dict_from
 
-    state = state_dict_from(path_or_state)
-    if any(key.startswith("vit.") for key in state):
+    is_folder = isinstance(path_or_state, (str, os.PathLike)) and os.path.isdir(path_or_state)
+    if is_folder or type(path_or_state).__module__.startswith("transformers"):
         from mae_fast.interop import from_transformers
 
-        mae, _ = from_transformers(state, strict=False)
-        state = mae.state_dict()
+        mae, _ = from_transformers(path_or_state, strict=False)
+        return mae.state_dict()
+    state = state_dict_from(path_or_state)
+    if any(key.startswith("vit.") for key in state):
+        raise ValueError(
+            "pretrained: a transformers ViTMAE state dict without its config; pass the save_pretrained folder "
+            "or the model"
+        )
     return state
 
 
@@ -221,7 +229,7 @@ def load_pretrained(model: VisionTransformerClassifier, path_or_state, argument:
     square grids are inferred from the row count). Every other encoder key must be present with the
     model's shape: a checkpoint of another architecture is a ValueError naming ``argument``.
     """
-    state = _encoder_state(path_or_state)
+    state = encoder_state_dict(path_or_state)
     own = model.state_dict()
     report = PretrainedLoad()
     keep = {}

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mae_fast.interop._common import count_blocks, state_dict_from
-from mae_fast.models.classifier import ENCODERS, VisionTransformerClassifier, load_pretrained
+from mae_fast.models.classifier import ENCODERS, VisionTransformerClassifier, encoder_state_dict, load_pretrained
 from mae_fast.train import checkpointing, data
 from mae_fast.train.schedule import lr_factor
 
@@ -242,6 +242,8 @@ class FinetuneConfig:
 def _pretrained_settings(path: str) -> tuple[dict, dict]:
     """(state_dict, settings) of a pretrained file; settings are the ``args`` / ``config`` dict of an
     export or checkpoint of ``mae-fast pretrain`` (model name, model_kwargs, img_size), else {}."""
+    if os.path.isdir(path):  # a transformers save_pretrained folder
+        return encoder_state_dict(path), {}
     raw = checkpointing.read_checkpoint_file(path)
     settings = raw.get("args") if isinstance(raw.get("args"), dict) else raw.get("config")
     return state_dict_from(raw), settings if isinstance(settings, dict) else {}
