@@ -295,3 +295,15 @@ def test_a_transformers_vitmae_folder_loads(tmp_path):
     assert torch.equal(model.patch_embed.proj.weight, hf.vit.embeddings.patch_embeddings.projection.weight)
     with pytest.raises(ValueError, match="pretrained: .*config"):
         encoder_state_dict(hf.state_dict())
+
+
+def test_cli_registers_finetune_and_errors_name_the_argument():
+    from mae_fast import cli
+
+    assert cli.SUBCOMMANDS["finetune"][0] == "mae_fast.train.finetune"
+    with pytest.raises(SystemExit, match="mae-fast finetune: model: unknown model 'vit_x'"):
+        cli.main(["finetune", "--model", "vit_x", "--data", "fashion-mnist"])
+    with pytest.raises(SystemExit, match="preset"):
+        cli.main(["finetune", "--preset", "vit_q", "--data", "fashion-mnist"])
+    with pytest.raises(SystemExit, match="--eval needs"):
+        cli.main(["finetune", "--eval", "--data", "fashion-mnist"])
