@@ -88,3 +88,12 @@ def test_eval_cli_on_a_pretrained_export(tmp_path, capsys):
     assert "linprobe top-1" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         model_from_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_eval_cli_names_a_missing_or_unreadable_checkpoint_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^mae-fast eval: checkpoint not found: .*missing\.pth$"):
+        main(["eval", "knn", str(tmp_path / "missing.pth")])
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"\x00" * 10)
+    with pytest.raises(SystemExit, match=r"^mae-fast eval: .*broken\.pth is not a readable mae_fast/release"):
+        main(["eval", "knn", str(broken)])

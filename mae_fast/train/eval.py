@@ -165,7 +165,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, config = model_from_checkpoint(args.checkpoint)
+    try:
+        model, config = model_from_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as error:  # a checkpoint that is missing or unreadable
+        raise SystemExit(f"mae-fast eval: {error}") from error
     overrides = {k: v for k, v in (("data", args.data), ("data_path", args.data_path)) if v is not None}
     if overrides.get("data") == "imagefolder" and not overrides.get("data_path"):
         raise SystemExit("--data-path is required with --data imagefolder")
