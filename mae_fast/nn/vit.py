@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from mae_fast import ops
@@ -49,37 +50,13 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm's ``DropPath``): in training, each sample's residual branch is
-    zeroed with probability ``drop_prob`` and the kept ones scaled by 1 / (1 - drop_prob); identity in eval.
-
-    The mask draws from torch's global generator (as timm's does). For [B, N, D] the sample is dim 0; packed
-    [T, D] tokens have no batch dim, so one draw covers all of them (use [B, N, D] inputs to train with it).
-    """
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        if not 0.0 <= drop_prob < 1.0:
-            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1) if x.ndim == 3 else (1,) * x.ndim
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + drop_path1(attn(norm1(x))), then x + drop_path2(mlp(norm2(x)));
     timm's names and weights. ``drop_path`` (stochastic depth, 0 by default: pretraining runs without it)
-    is the probability of dropping each residual branch per sample in training.
+    is the probability of dropping each residual branch per sample in training (timm's ``DropPath``).
 
     x is [B, N, D], or packed [T, D] with int32 ``cu_seqlens`` [S+1] and ``max_seqlen`` (see Attention).
+    Packed tokens have no sample dim, so training with ``drop_path > 0`` needs [B, N, D] input.
     """
 
     def __init__(
@@ -93,6 +70,9 @@ class Block(nn.Module):
         drop_path: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=backend)
         self.drop_path1 = DropPath(drop_path) if drop_path else nn.Identity()
@@ -103,6 +83,11 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None
     ) -> torch.Tensor:
+        if self.training and self.drop_path and x.ndim == 2:
+            raise ValueError(
+                f"drop_path={self.drop_path} in training needs [B, N, D] input; packed [T, D] tokens have no "
+                "sample dim to drop per sample (use drop_path=0 or call eval())"
+            )
         x = x + self.drop_path1(self.attn(self.norm1(x), cu_seqlens, max_seqlen))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
