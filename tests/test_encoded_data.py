@@ -1,6 +1,7 @@
 """The bytes pipeline: workers' draws equal the pixel pipeline's, batch decode, bad files, the CUDA prefetcher."""
 
 import io
+import itertools
 import os
 import warnings
 
@@ -241,6 +242,66 @@ def test_a_folder_with_no_readable_file_is_a_clear_error(tmp_path):
         stream = encoded_data.build_encoded_train_data(config, 16, NUM_PATCHES, 1, 0, "cpu")
         with pytest.raises(RuntimeError, match=f"no readable image under {root}"):
             next(iter(stream.start(0, 0, 2)))
+
+
+def test_fashion_mnist_pixels_augmented_by_the_op_equal_the_worker_pipeline(tmp_path):
+    """The embedded data as uint8 pixels + draws, augmented by resized_crop: the pixel pipeline's batches up to
+    float rounding (the same RandomResizedCrop and flip), a function of position, the same with workers."""
+    config = quick_run_config(tmp_path / "run", batch_size=8, seed=3)
+    stream = encoded_data.build_encoded_train_data(config, 28, 49, 1, 0, "cpu")
+    pixels = data.build_train_data(config, 28, 49, 1, 0, "cpu")
+    assert isinstance(stream.loader, encoded_data.DecodedBatches) and stream.in_chans == 1
+    assert stream.steps_per_epoch == pixels.steps_per_epoch == 10_000 // 8
+    got = list(itertools.islice(stream.start(2, 40, 8), 3))
+    want = list(itertools.islice(pixels.start(2, 40, 8), 3))
+    for a, b in zip(got, want, strict=True):
+        assert a["imgs"].shape == (8, 1, 28, 28) and a["imgs"].dtype == torch.float32 and a["bad"] == []
+        assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["label"], b["label"])
+        assert not torch.equal(a["imgs"], a["imgs"].flip(-1))  # not trivially symmetric pictures
+        assert (a["imgs"] - b["imgs"]).abs().max() < 1e-5  # normalised units; a wrong box or flip is ~1
+    assert torch.equal(next(iter(stream.start(2, 41, 8)))["imgs"], got[1]["imgs"])  # resumed: same batch
+    with_workers = encoded_data.build_encoded_train_data(
+        quick_run_config(tmp_path / "run", batch_size=8, seed=3, num_workers=2), 28, 49, 1, 0, "cpu"
+    )
+    for a, b in zip(got, itertools.islice(with_workers.start(2, 40, 8), 3), strict=True):
+        assert torch.equal(a["imgs"], b["imgs"]) and torch.equal(a["noise"], b["noise"])
+
+
+def test_pixel_batches_of_mixed_sizes_keep_each_image_and_its_draws(tmp_path):
+    root = str(tmp_path / "images")
+    _jpeg_folder(root, [(20, 31), (9, 14), (40, 12)], per_class=2)
+    source = data.ImageFolderSource(root)
+    dataset = encoded_data.PixelDataset(source, NUM_PATCHES, seed=4)
+    pixel = data.MAEDataset(source, 12, NUM_PATCHES, seed=4, train=True)
+    keys = [(1, i) for i in range(len(source))]
+    batch = encoded_data.collate_pixels([dataset[key] for key in keys])
+    assert batch["shapes"].tolist() == [[3, *source.read(i)[0].shape[1:]] for i in range(len(source))]
+    out = encoded_data.PixelBatchAugmenter(source, 12, "cpu")(batch)
+    want = data.collate([pixel[key] for key in keys])
+    assert torch.equal(out["noise"], want["noise"]) and torch.equal(out["label"], want["label"])
+    std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+    assert ((out["imgs"] - want["imgs"]) * std).abs().max() < 1e-5
+
+
+def test_fashion_mnist_pretraining_augments_on_the_device_and_resumes_bit_exactly(tmp_path, monkeypatch):
+    """The demo's data path: stopped at step 2 and resumed with workers, the losses and weights of the
+    uninterrupted run; decode_on="cpu" keeps the worker-side pixel pipeline."""
+    streams, pixel_streams = [], []
+    build, build_pixels = encoded_data.build_encoded_train_data, data.build_train_data
+    monkeypatch.setattr(encoded_data, "build_encoded_train_data", lambda *a: streams.append(build(*a)) or streams[-1])
+    monkeypatch.setattr(
+        data, "build_train_data", lambda *a: pixel_streams.append(build_pixels(*a)) or pixel_streams[-1]
+    )
+    common = dict(log_every=1, accum_steps=2)
+    full = pretrain(quick_run_config(tmp_path / "full", max_steps=4, **common))
+    pretrain(quick_run_config(tmp_path / "split", max_steps=2, **common))
+    second = pretrain(quick_run_config(tmp_path / "split", max_steps=4, resume="auto", num_workers=2, **common))
+    assert len(streams) == 3 and not pixel_streams
+    assert full.step == second.step == 4 and second.history == full.history
+    a, b = (torch.load(r.export, weights_only=True)["model"] for r in (full, second))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    pretrain(quick_run_config(tmp_path / "cpu", max_steps=1, decode_on="cpu"))
+    assert len(streams) == 3 and len(pixel_streams) == 1
 
 
 def test_only_image_folders_take_the_bytes_pipeline(tmp_path):

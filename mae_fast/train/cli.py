@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DECODE_ON,
         default=None,
         help="ImageFolder decode + augmentation: device (batched where the model runs, the default on a GPU) or cpu "
-        "(Pillow in the DataLoader workers, the default on the CPU)",
+        "(Pillow in the DataLoader workers, the default on the CPU); fashion-mnist augments on the device unless cpu",
     )
     parser.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers (default: {d.num_workers})")
     parser.add_argument("--epochs", type=int, default=None, help=f"default: {d.epochs}")

@@ -1,4 +1,7 @@
-"""The bytes pipeline: DataLoader workers read encoded files, the main process decodes and augments batches.
+"""The device pipelines: DataLoader workers hand over bytes or uint8 pixels, the model's device augments.
+
+The bytes pipeline (ImageFolder data): DataLoader workers read encoded files, the main process decodes and
+augments batches.
 
 A worker reads a file's bytes, reads its size from the header (Pillow parses the header only) and draws the
 sample's crop box, flip and MAE mask noise from the (seed, epoch, index) generator in the same order as
@@ -13,8 +16,12 @@ refuses), and then ``mae_fast.ops.resized_crop`` (crop, bicubic antialiased resi
 the model-ready batch. An unreadable file is reported with its path, replaced by the next readable file of
 the folder (as :meth:`ImageFolderSource.load` replaces it) and counted by the loop's ``report_bad``.
 
-:class:`DecodedBatches` is what the loop iterates: on CUDA it decodes the next batch on a side stream while
-the current step runs; on the CPU it decodes each batch when it is asked for.
+The pixel pipeline on the device (the embedded Fashion-MNIST subset, already uint8): workers hand over each
+sample's uint8 image with its crop box, flip and noise drawn in the same order (:class:`PixelDataset`,
+:func:`collate_pixels`), and :class:`PixelBatchAugmenter` runs ``resized_crop`` where the model runs.
+
+:class:`DecodedBatches` is what the loop iterates: on CUDA it decodes (or augments) the next batch on a side
+stream while the current step runs; on the CPU it decodes each batch when it is asked for.
 """
 
 from __future__ import annotations
@@ -169,6 +176,14 @@ class EncodedImageDataset(Dataset):
         raise RuntimeError(f"no readable image under {self.source.root}: {'; '.join(map(str, failures[:3]))}")
 
 
+def _shared_bytes(count: int) -> torch.Tensor | None:
+    """In a DataLoader worker, uint8 [count] in shared memory (the batch travels in it, not copied
+    again); None in the main process."""
+    if get_worker_info() is None:
+        return None
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(count))
+
+
 def collate_encoded(items: list[dict]) -> dict:
     """One flat byte buffer with offsets int64 [B + 1], and the per-sample draws as tensors (all the small
     numbers go through one table: one tensor made per batch, not one per field)."""
@@ -180,11 +195,8 @@ def collate_encoded(items: list[dict]) -> dict:
          for item in items],
         dtype=torch.int64,
     )
-    packed = None
-    if get_worker_info() is not None:  # in a worker: write into shared memory, which the batch travels in
-        packed = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(offsets[-1]))
     return {
-        "data": torch.cat([item["data"] for item in items], out=packed),
+        "data": torch.cat([item["data"] for item in items], out=_shared_bytes(offsets[-1])),
         "offsets": torch.tensor(offsets, dtype=torch.int64),
         "boxes": table[:, 0:4].contiguous(),
         "keys": table[:, 4:7],
@@ -310,7 +322,7 @@ class DecodedBatches:
     and augmented on a side stream while the caller runs its step on the current stream (no host sync: the
     current stream waits on the side stream when the batch is handed over); on the CPU one after another."""
 
-    def __init__(self, loader, decoder: BatchDecoder):
+    def __init__(self, loader, decoder: BatchDecoder | PixelBatchAugmenter):
         self.loader = loader
         self.decoder = decoder
 
@@ -341,15 +353,97 @@ class DecodedBatches:
             return self.decoder(batch)
 
 
+class PixelDataset(Dataset):
+    """A source of decoded uint8 images (the embedded Fashion-MNIST subset) as training samples whose
+    augmentation runs later, on the model's device; indexed by (epoch, index) from ResumableSampler.
+
+    Items are dicts: ``image`` uint8 [C, H, W] (``source.load``'s: a replacement when the sample's file was
+    unreadable, as MAEDataset takes it), ``box`` (top, left, h, w), ``flip`` and ``noise`` [num_patches]
+    drawn from the image's size by :func:`draw_sample` (MAEDataset's draws, in its order), ``label`` and
+    ``bad`` (MAEDataset's).
+    """
+
+    def __init__(self, source, num_patches: int, seed: int):
+        self.source = source
+        self.num_patches = num_patches
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, label, bad = self.source.load(index)
+        box, flip, noise = draw_sample(self.seed, epoch, index, *image.shape[1:], self.num_patches)
+        return {"image": image, "box": box, "flip": flip, "noise": noise, "label": label, "bad": bad}
+
+
+def collate_pixels(items: list[dict]) -> dict:
+    """The images in one flat uint8 buffer (in a worker, in shared memory) with offsets int64 [B + 1] and
+    shapes int64 [B, 3] (C, H, W), and the draws as tensors (one table for the small numbers)."""
+    offsets = [0]
+    for item in items:
+        offsets.append(offsets[-1] + item["image"].numel())
+    table = torch.tensor(
+        [(*item["box"], *item["image"].shape, item["label"], item["flip"]) for item in items], dtype=torch.int64
+    )
+    return {
+        "pixels": torch.cat([item["image"].reshape(-1) for item in items], out=_shared_bytes(offsets[-1])),
+        "offsets": torch.tensor(offsets, dtype=torch.int64),
+        "shapes": table[:, 4:7],
+        "boxes": table[:, 0:4].contiguous(),
+        "label": table[:, 7].contiguous(),
+        "flip": table[:, 8].bool(),
+        "noise": torch.stack([item["noise"] for item in items]),
+        "bad": [record for item in items for record in item["bad"]],
+    }
+
+
+class PixelBatchAugmenter:
+    """Collated pixel batches -> the dict TrainData yields: the flat uint8 buffer copied to ``device`` in one
+    transfer (non_blocking; pinned by the DataLoader on CUDA), then ``crop`` (``mae_fast.ops.resized_crop``
+    unless another function with its signature is given): ``imgs`` [B, C, S, S] normalised with the source's
+    mean / std in ``dtype``, ``noise`` [B, num_patches] on ``device``, ``label`` int64 [B] and ``bad``."""
+
+    def __init__(self, source, img_size: int, device, dtype: torch.dtype = torch.float32, crop: Callable | None = None):
+        if crop is None:
+            from mae_fast.ops.resized_crop import resized_crop as crop
+        self.mean, self.std = source.mean, source.std
+        self.img_size = img_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.crop = crop
+
+    def __call__(self, batch: dict) -> dict:
+        pixels = batch["pixels"].to(self.device, non_blocking=True)
+        offsets = batch["offsets"].tolist()
+        images = [
+            pixels[start:end].view(*shape)
+            for start, end, shape in zip(offsets[:-1], offsets[1:], batch["shapes"].tolist(), strict=True)
+        ]
+        imgs = self.crop(
+            images, batch["boxes"], self.img_size, flip=batch["flip"], mean=self.mean, std=self.std, dtype=self.dtype
+        )
+        noise = batch["noise"].to(self.device, non_blocking=True)
+        return {"imgs": imgs, "noise": noise, "label": batch["label"], "bad": batch["bad"]}
+
+
 def build_encoded_train_data(
     config, img_size: int, num_patches: int, world_size: int, rank: int, device, crop: Callable | None = None
 ) -> TrainData:
-    """The ImageFolder training stream of ``config`` for this rank through the bytes pipeline: the same
-    sampler, positions and batches of config.micro_batch(world_size) as data.build_train_data."""
-    if config.data != "imagefolder":
-        raise ValueError(f"the bytes pipeline reads ImageFolder data, got data={config.data!r}")
+    """The training stream of ``config`` for this rank with augmentation on ``device``: ImageFolder data
+    through the bytes pipeline, the embedded Fashion-MNIST subset as uint8 pixels. The same sampler,
+    positions and batches of config.micro_batch(world_size) as data.build_train_data."""
+    if config.data not in ("imagefolder", "fashion-mnist"):
+        raise ValueError(
+            f"the device pipelines read ImageFolder data or the embedded fashion-mnist subset, got data={config.data!r}"
+        )
     source = build_source(config, "train")
-    dataset = EncodedImageDataset(source, num_patches, config.seed)
-    loader, sampler, steps = resumable_loader(config, dataset, collate_encoded, world_size, rank, device)
-    decoder = BatchDecoder(source, img_size, num_patches, config.seed, device, crop=crop)
+    if config.data == "imagefolder":
+        dataset, collate = EncodedImageDataset(source, num_patches, config.seed), collate_encoded
+        decoder = BatchDecoder(source, img_size, num_patches, config.seed, device, crop=crop)
+    else:
+        dataset, collate = PixelDataset(source, num_patches, config.seed), collate_pixels
+        decoder = PixelBatchAugmenter(source, img_size, device, crop=crop)
+    loader, sampler, steps = resumable_loader(config, dataset, collate, world_size, rank, device)
     return TrainData(DecodedBatches(loader, decoder), sampler, steps, source.in_chans, img_size, source)

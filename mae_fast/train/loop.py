@@ -401,7 +401,10 @@ def _drop_outputs_after(output_dir: str, replaced: list[str], step: int) -> None
 
 def _decodes_on_device(config: TrainConfig, device: torch.device) -> bool:
     """ImageFolder data through the bytes pipeline (decode and augment where the model runs): by default on a
-    GPU, on the CPU when asked with decode_on="device". Both give the same batches up to resampling."""
+    GPU, on the CPU when asked with decode_on="device". The embedded Fashion-MNIST subset (uint8 already)
+    augments where the model runs unless decode_on="cpu". Both give the same batches up to resampling."""
+    if config.data == "fashion-mnist":
+        return config.decode_on != "cpu"
     if config.data != "imagefolder":
         return False
     return config.decode_on == "device" or (config.decode_on is None and device.type == "cuda")
