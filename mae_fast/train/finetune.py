@@ -8,8 +8,10 @@ iteration, optional gradient clipping and accumulation, top-1 / top-5 / loss on 
 
 Checkpoints are written atomically with everything an exact resume needs (weights, AdamW, the fp16
 GradScaler, the data position, every random generator), so a resumed run on the CPU is bit-identical to
-an uninterrupted one, also mid-epoch. ``--demo`` fine-tunes the export of ``mae-fast pretrain --demo``
-and the same network from random init on the embedded Fashion-MNIST subset and prints both accuracies.
+an uninterrupted one, also mid-epoch. SIGTERM / SIGINT end the current step in such a checkpoint (the
+handler of pretraining, ``loop.StopFlag``) and the run returns with ``interrupted`` set. ``--demo``
+fine-tunes the export of ``mae-fast pretrain --demo`` and the same network from random init on the
+embedded Fashion-MNIST subset and prints both accuracies.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from mae_fast.interop._common import count_blocks, state_dict_from
 from mae_fast.models.classifier import ENCODERS, VisionTransformerClassifier, encoder_state_dict, load_pretrained
 from mae_fast.train import checkpointing, data
+from mae_fast.train.loop import StopFlag
 from mae_fast.train.schedule import lr_factor
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -576,6 +579,7 @@ class FinetuneResult:
     export: str | None = None
     final: dict = field(default_factory=dict)
     load_report: str | None = None
+    interrupted: str | None = None  # the signal (SIGTERM / SIGINT) that stopped the run at a checkpoint
 
 
 def _build_mixup(config: FinetuneConfig, num_classes: int):
@@ -638,7 +642,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         result.history = [tuple(item) for item in state["metrics"]["history"]]
         checkpointing.set_rng_state(state["rng"])
         step = int(state["step"])
+        saved_step = step
     else:
+        saved_step = None
         os.makedirs(config.output_dir, exist_ok=True)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
@@ -646,41 +652,65 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
     micro = config.batch_size // config.accum_steps
     last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
+    progress = None
+    if config.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True, desc="finetune")
     model.train()
-    with open(metrics_path, "a") as metrics:
-        while step < last_step:
-            epoch, done = divmod(step, steps_per_epoch)
-            loaders.sampler.set_position(epoch, done * config.accum_steps * micro)
-            batches = iter(loaders.train_loader)
-            for _ in range(done, steps_per_epoch):
-                if step >= last_step:
-                    break
-                micro_batches = [next(batches) for _ in range(config.accum_steps)]
-                lr = config.peak_lr * lr_factor(step, warmup_steps, total_steps, min_ratio)
-                loss, _ = trainer.step(micro_batches, lr)
-                step += 1
-                if step % config.log_every == 0 or step == last_step:
-                    record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                              "skipped_steps": trainer.skipped_steps}  # fmt: skip
-                    if trainer.scaler.is_enabled():
-                        record["scale"] = trainer.scaler.get_scale()
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    if config.progress:
-                        print(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.2e}", flush=True)
-                epoch_end = step % steps_per_epoch == 0
-                if epoch_end:
-                    scores = evaluate(model, loaders.eval_loader, device, trainer.dtype)
-                    result.history.append((epoch, scores["acc1"], scores["acc5"], scores["loss"]))
-                    record = {"epoch": epoch, "test_acc1": scores["acc1"], "test_acc5": scores["acc5"],
-                              "test_loss": scores["loss"]}  # fmt: skip
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    if config.progress:
-                        print(f"epoch {epoch}: val top-1 {scores['acc1']:.4f} top-5 {scores['acc5']:.4f}", flush=True)
-                periodic = config.ckpt_every and step % config.ckpt_every == 0
-                if periodic or (not config.ckpt_every and epoch_end) or step == last_step:
+    with StopFlag() as stop, open(metrics_path, "a") as metrics:
+        try:
+            while step < last_step and stop.signal_name is None:
+                epoch, done = divmod(step, steps_per_epoch)
+                loaders.sampler.set_position(epoch, done * config.accum_steps * micro)
+                batches = iter(loaders.train_loader)
+                for _ in range(done, steps_per_epoch):
+                    if step >= last_step or stop.signal_name is not None:
+                        break
+                    try:
+                        micro_batches = [next(batches) for _ in range(config.accum_steps)]
+                    except RuntimeError as error:  # a worker killed by the signal we are stopping for
+                        if stop.signal_name is None or "DataLoader worker" not in str(error):
+                            raise
+                        break  # the weights are those of `step`, complete
+                    lr = config.peak_lr * lr_factor(step, warmup_steps, total_steps, min_ratio)
+                    loss, _ = trainer.step(micro_batches, lr)
+                    step += 1
+                    if progress is not None:
+                        progress.update(1)
+                    if step % config.log_every == 0 or step == last_step:
+                        record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                                  "skipped_steps": trainer.skipped_steps}  # fmt: skip
+                        if trainer.scaler.is_enabled():
+                            record["scale"] = trainer.scaler.get_scale()
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                        if progress is not None:
+                            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    epoch_end = step % steps_per_epoch == 0
+                    if epoch_end:
+                        scores = evaluate(model, loaders.eval_loader, device, trainer.dtype)
+                        result.history.append((epoch, scores["acc1"], scores["acc5"], scores["loss"]))
+                        record = {"epoch": epoch, "test_acc1": scores["acc1"], "test_acc5": scores["acc5"],
+                                  "test_loss": scores["loss"]}  # fmt: skip
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                        if progress is not None:
+                            progress.write(
+                                f"epoch {epoch}: loss {loss:.4f} val top-1 {scores['acc1']:.4f} "
+                                f"top-5 {scores['acc5']:.4f}"
+                            )
+                    periodic = config.ckpt_every and step % config.ckpt_every == 0
+                    if periodic or (not config.ckpt_every and epoch_end) or step == last_step:
+                        result.checkpoint = _save(config, model, optimizer, trainer, step, steps_per_epoch, result)
+                        saved_step = step
+            if stop.signal_name is not None and step < last_step:
+                result.interrupted = stop.signal_name
+                if saved_step != step:
                     result.checkpoint = _save(config, model, optimizer, trainer, step, steps_per_epoch, result)
+        finally:
+            if progress is not None:
+                progress.close()
     result.step, result.epoch = step, step // steps_per_epoch
     result.skipped_steps = trainer.skipped_steps
     if step == total_steps:
@@ -852,7 +882,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"mae-fast finetune: {error}") from error
     if result.load_report:
         print(f"pretrained weights: {result.load_report}")
-    if result.final:
+    if result.interrupted:
+        print(f"interrupted by {result.interrupted} at step {result.step}; continue with --resume "
+              f"({result.checkpoint})")  # fmt: skip
+    elif result.final:
         final = result.final
         print(f"val top-1 {final['acc1']:.4f}  top-5 {final['acc5']:.4f}  loss {final['loss']:.4f}")
         print(f"fine-tuned (timm VisionTransformer layout): {result.export}")

@@ -54,7 +54,7 @@ class PretrainResult:
     bad_images: int = 0
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM / SIGINT set the flag (the loop checkpoints and returns); a second SIGINT interrupts."""
 
     def __init__(self):
@@ -237,7 +237,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
     fsdp = ctx.distributed and config.sharding == "fsdp"
     ddp = ctx.distributed and not fsdp
 
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         try:
             while step < end_step:
                 epoch = step // steps_per_epoch
