@@ -337,3 +337,27 @@ def test_bench_data_writes_the_three_pipelines_side_by_side(tmp_path, monkeypatc
     assert all(row["cpu_ms_per_image"] > 0 and row["img_per_s_per_worker"] > 0 for row in result["rows"])
     assert result["environment"]["threads"] == 1 and result["environment"]["torchvision"]
     assert all(size[:2] in ([500, 375], [375, 500]) for size in result["images"].values())
+
+
+def test_bench_data_device_section_runs_its_three_measurements(tmp_path, monkeypatch):
+    """The GPU script's data stage, run here on the CPU with the tiny model: loader alone, stage times, step."""
+    import json
+
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import bench_data
+
+    argv = ["--device", "cpu", "--model", "tiny", "--workers", "1", "--batch", "2", "--loader-batches", "3"]
+    assert bench_data.main([*argv, "--steps", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("input_pipeline_cpu_*.json")
+    result = json.loads(path.read_text())
+    section = result["device_section"]
+    assert section["batch"] == 2 and section["loader"]["workers"] == 1 and section["loader"]["img_per_s"] > 0
+    assert section["stages"]["batches"] == 3
+    assert section["stages"]["decode_ms_per_batch"] > 0 and section["stages"]["augment_ms_per_batch"] > 0
+    step = section["step"]
+    assert step["img_size"] == 16 and step["synthetic_ms_per_step"] > 0 and step["real_jpeg_ms_per_step"] > 0
+    assert step["real_vs_synthetic"] == pytest.approx(step["real_jpeg_ms_per_step"] / step["synthetic_ms_per_step"],
+                                                      rel=1e-2)
+    assert result["environment"]["claims"] is False  # a CPU run of the GPU section claims nothing
+    with pytest.raises(SystemExit):
+        bench_data.main(["--device", "cpu", "--steps", "0", "--out", str(tmp_path)])

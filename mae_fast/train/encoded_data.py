@@ -254,7 +254,7 @@ class BatchDecoder:
     def __call__(self, batch: dict) -> dict:
         offsets = batch["offsets"].tolist()
         chunks = [batch["data"][start:end] for start, end in zip(offsets[:-1], offsets[1:], strict=True)]
-        images = self._decode_jpegs(chunks, batch["batch_decodable"].tolist())
+        images = self.decode_jpegs(chunks, batch["batch_decodable"].tolist())
         boxes, flip, noise, labels = batch["boxes"], batch["flip"], batch["noise"], batch["label"]
         bad = list(batch["bad"])
         rows = zip(batch["keys"].tolist(), batch["sizes"].tolist(), strict=True)
@@ -278,7 +278,7 @@ class BatchDecoder:
         )
         return {"imgs": imgs, "noise": noise.to(self.device, non_blocking=True), "label": labels, "bad": bad}
 
-    def _decode_jpegs(self, chunks: list[torch.Tensor], batch_decodable: list[bool]) -> list[torch.Tensor | None]:
+    def decode_jpegs(self, chunks: list[torch.Tensor], batch_decodable: list[bool]) -> list[torch.Tensor | None]:
         """The batch-decodable files decoded on the device in one call (one by one when the call fails);
         None for the others and for those the device decoder refused."""
         from torchvision.io import ImageReadMode, decode_jpeg
