@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One call on a machine with one NVIDIA GPU (no network): build mae_fast._C in place for that GPU, run the
 # gpu-marked tests (every backend against the reference, compute-sanitizer cases) and the rest of the suite,
-# run the benchmarks within a time budget, and leave at most 8 files, flat, in OUTDIR:
-#   gpu_check.log, <device>_<date>.json, <device>_<date>_{kernels,train,sweep}.png, <device>_<date>_summary.txt
+# run the benchmarks, the input-pipeline stages (benchmarks.bench_data --device cuda) and the fine-tuning step
+# against timm (benchmarks.finetune_step) within a time budget, and leave at most 8 files, flat, in OUTDIR:
+#   gpu_check.log, <device>_<date>.json, <device>_<date>_{kernels,train,sweep}.png, <device>_<date>_summary.txt,
+#   input_pipeline_<cuda|cpu>_<date>.json (the fine-tuning step's table and JSON line are in gpu_check.log)
 # A short summary table is printed last. Each stage has its own timeout; a failing stage is reported and the
 # next ones still run (benchmarks of whatever works). Total wall time stays under MAE_FAST_GPU_CHECK_BUDGET_S
-# (default 540 s = 9 min); the tests never take the last 240 s, which belong to the benchmarks and the report.
+# (default 540 s = 9 min); the tests never take the last 300 s, which belong to the benchmarks and the report.
 #
 # usage: benchmarks/gpu_check.sh [--dry-run] OUTDIR      (or MAE_FAST_GPU_CHECK_DRY=1)
 #   --dry-run: for a machine without a GPU. Checks that the script finds its pieces and its Python, reports the
@@ -29,7 +31,12 @@ OUT="$(cd "$1" && pwd)"
 LOG="$OUT/gpu_check.log"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET_S="${MAE_FAST_GPU_CHECK_BUDGET_S:-540}"
-BENCH_RESERVE_S=240 # the tests never eat into the last 240 s: benchmarks (>= 195 s) and the report (40 s)
+# the tests never eat into the last 300 s: benchmarks (>= 140 s), the data stages (45 s), the fine-tuning step
+# eager (25 s) and with torch.compile of timm (50 s: its compilation takes most of it), the report (40 s)
+BENCH_RESERVE_S=300
+DATA_S=45
+FINETUNE_S=25
+FINETUNE_COMPILED_S=50
 START_S=$(date +%s)
 STAGES=()
 FAILED=0
@@ -80,7 +87,7 @@ skip() {
 # --- preflight: the pieces and the toolchain ---------------------------------------------------------------
 missing=""
 for piece in setup.py csrc kernels/__init__.py mae_fast/__init__.py tests/conftest.py \
-  benchmarks/run.py benchmarks/summary.py benchmarks/plot.py; do
+  benchmarks/run.py benchmarks/summary.py benchmarks/plot.py benchmarks/bench_data.py benchmarks/finetune_step.py; do
   [ -e "$ROOT/$piece" ] || missing="$missing $piece"
 done
 if [ -n "$missing" ] || [ -z "$PY" ]; then
@@ -146,10 +153,26 @@ if [ "$DRY" = 1 ]; then
   say "benchmarks: GPU run skipped (dry run); a CPU smoke subset writes the files instead"
   stage bench-smoke 120 "$PY" -m benchmarks.run --smoke --out "$OUT" --name "$STEM" --no-plots \
     --sections kernels --ops random_masking
+  # the same code as the GPU stages below, on the CPU at toy sizes (their numbers claim nothing)
+  stage data-stages "$DATA_S" "$PY" -m benchmarks.bench_data --device cpu --model tiny --workers 2 --batch 4 \
+    --loader-batches 4 --steps 2 --out "$OUT"
+  stage finetune "$((FINETUNE_S + FINETUNE_COMPILED_S))" "$PY" -m benchmarks.finetune_step --size demo --batch 8 \
+    --steps 1 --threads 2
 else
-  BENCH_LIMIT=$(($(left_s) - 45)) # leaves the report its 40 s
+  # leaves the later stages and the report their time
+  BENCH_LIMIT=$(($(left_s) - 45 - DATA_S - FINETUNE_S - FINETUNE_COMPILED_S))
   stage benchmarks "$BENCH_LIMIT" "$PY" -m benchmarks.run --out "$OUT" --name "$STEM" --no-plots \
     --budget-s $((BENCH_LIMIT > 60 ? BENCH_LIMIT - 45 : 15)) --rep-ms 50
+  # the input pipeline on the GPU: loader alone at 16 workers, decode and augment per batch, ViT-B MAE step on
+  # real JPEGs against synthetic batches
+  stage data-stages "$(cap "$DATA_S" $((45 + FINETUNE_S + FINETUNE_COMPILED_S)))" "$PY" -m benchmarks.bench_data \
+    --device cuda --workers 16 --batch 256 --loader-batches 24 --steps 12 --out "$OUT"
+  # the fine-tuning step, ViT-B 224 px (197 tokens), drop path 0.1: mae_fast against timm (SDPA), then the same
+  # side by side with torch.compile of timm (a separate stage, so that a slow compile cannot lose the eager rows)
+  stage finetune "$(cap "$FINETUNE_S" $((45 + FINETUNE_COMPILED_S)))" "$PY" -m benchmarks.finetune_step \
+    --size vit_b --batch 64 --steps 5
+  stage ft-compiled "$(cap "$FINETUNE_COMPILED_S" 45)" "$PY" -m benchmarks.finetune_step --size vit_b --batch 64 \
+    --steps 3 --compile timm
 fi
 rm -f "$OUT/$STEM.tmp"
 if [ -f "$OUT/$STEM.json" ]; then
