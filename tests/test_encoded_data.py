@@ -324,6 +324,18 @@ def test_cuda_prefetcher_equals_the_cpu_decode(tmp_path):
         assert ((a["imgs"] - b["imgs"].cpu()) * std).abs().max() < 6 / 255  # nvJPEG vs libjpeg IDCT
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fashion_mnist_pixels_equal_the_cpu_augmentation(tmp_path):
+    config = quick_run_config(tmp_path / "run", batch_size=16, seed=2)
+    cpu = encoded_data.build_encoded_train_data(config, 28, 49, 1, 0, "cpu")
+    gpu = encoded_data.build_encoded_train_data(config, 28, 49, 1, 0, "cuda")
+    for a, b in zip(itertools.islice(cpu.start(1, 3, 16), 3), itertools.islice(gpu.start(1, 3, 16), 3), strict=True):
+        assert b["imgs"].is_cuda and b["noise"].is_cuda and torch.equal(a["noise"], b["noise"].cpu())
+        assert torch.equal(a["label"], b["label"])
+        levels = (a["imgs"] - b["imgs"].cpu()).abs().max() * data.FASHION_MNIST_STD[0] * 255
+        assert levels < 1.0  # the Triton kernel within a level of the torch backend
+
+
 def test_bench_data_writes_the_three_pipelines_side_by_side(tmp_path, monkeypatch):
     import json
 
