@@ -41,7 +41,8 @@ class TrainConfig:
     data: str = "fashion-mnist"
     data_path: str | None = None
     num_workers: int = 2
-    decode_on: str | None = None  # ImageFolder: "device" (bytes pipeline), "cpu" (Pillow); None: device on GPUs
+    decode_on: str | None = None  # "device": augment where the model runs, "cpu": in workers (Pillow); None: the
+    # device for fashion-mnist everywhere and for ImageFolder on GPUs
     # optimisation
     epochs: int = 1
     max_steps: int | None = None
@@ -134,7 +135,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.decode_on not in (None, *DECODE_ON):
             raise ValueError(
-                f"decode_on must be one of {DECODE_ON} or None (the device on a GPU, else cpu), got {self.decode_on!r}"
+                f"decode_on must be one of {DECODE_ON} or None (device for fashion-mnist, and for imagefolder on a "
+                f"GPU), got {self.decode_on!r}"
             )
         if self.precision == "fp16" and self.sharding == "fsdp":
             raise ValueError(
