@@ -6,6 +6,10 @@ Features come from ``model.encode(imgs)`` (the whole image, nothing masked, afte
 classifiers take the training and the test set each as a (features [N, D] float, labels [N] int64) pair,
 as :func:`extract_features` returns them. The training split's classes define the labels of both splits;
 an unreadable image is left out of the features (never replaced by another) and reported.
+
+The linear probe here is the quick one, on features extracted once. The release's probe (the frozen
+encoder under augmentation, BatchNorm + Linear on the cls token, LARS, batch 16384, 90 epochs) is
+``mae-fast finetune --linprobe`` (``mae_fast.train.finetune``), with checkpoints and an exact resume.
 """
 
 from __future__ import annotations
@@ -151,7 +155,9 @@ def evaluate(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("method", choices=["knn", "linprobe"], help="weighted kNN or linear probe on frozen features")
+    parser.add_argument("method", choices=["knn", "linprobe"],
+                        help="weighted kNN or linear probe on cached frozen features (the release's probe: "
+                        "mae-fast finetune --linprobe)")
     parser.add_argument("checkpoint", help="a training checkpoint or an export (mae_pretrain.pth) of mae-fast pretrain")
     parser.add_argument("--data", choices=["fashion-mnist", "imagefolder"], default=None, help="default: the run's")
     parser.add_argument("--data-path", default=None, help="ImageNet-layout folder (train/ and val/ sub-folders)")

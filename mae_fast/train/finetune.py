@@ -11,7 +11,9 @@ GradScaler, the data position, every random generator), so a resumed run on the 
 an uninterrupted one, also mid-epoch. SIGTERM / SIGINT end the current step in such a checkpoint (the
 handler of pretraining, ``loop.StopFlag``) and the run returns with ``interrupted`` set. ``--demo``
 fine-tunes the export of ``mae-fast pretrain --demo`` and the same network from random init on the
-embedded Fashion-MNIST subset and prints both accuracies.
+embedded Fashion-MNIST subset and prints both accuracies. ``--linprobe`` (``linprobe=True``) is the
+release's linear probe through the same machinery (main_linprobe.py: the frozen encoder's cls token into
+BatchNorm1d + Linear, timm's LARS, RandomResizedCrop + flip; :data:`LINPROBE`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ PRESETS = {
     "vit_l": dict(model="vit_large_patch16", blr=1e-3, layer_decay=0.75, drop_path=0.2, epochs=50),
     "vit_h": dict(model="vit_huge_patch14", blr=1e-3, layer_decay=0.75, drop_path=0.3, epochs=50),
 }
+
+#: The release's linear probe (main_linprobe.py / FINETUNE.md), applied under ``linprobe=True`` by
+#: :meth:`FinetuneConfig.from_dict` (after a preset, before the settings given): the frozen encoder's cls
+#: token into BatchNorm1d(affine=False) + Linear, LARS without weight decay, RandomResizedCrop + flip only.
+LINPROBE = dict(
+    global_pool=False, epochs=90, warmup_epochs=10.0, batch_size=16384, blr=0.1, min_lr=0.0, weight_decay=0.0,
+    layer_decay=1.0, drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, aa=None, reprob=0.0,
+)  # fmt: skip
+#: LARS's momentum and trust coefficient in the release's linear probe (util/lars.py).
+LARS_MOMENTUM, LARS_TRUST_COEFF = 0.9, 0.001
+#: trunc_normal std of the probe's Linear weight (the release's).
+PROBE_HEAD_INIT_STD = 0.01
 
 # Fields a resume may change (where the run executes and reports); all others are fixed by the checkpoint.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "num_workers", "device", "log_every", "ckpt_every", "keep_last",
@@ -152,6 +166,7 @@ class FinetuneConfig:
     keep_last: int = 2
     resume: str | None = None
     progress: bool = True
+    linprobe: bool = False  # the release's linear probe: frozen encoder, BN + Linear head, LARS (LINPROBE)
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -166,10 +181,15 @@ class FinetuneConfig:
         if unknown:
             raise ValueError(f"unknown fine-tuning settings: {', '.join(unknown)}")
         preset = values.get("preset")
+        defaults = {}
         if preset is not None:
             if preset not in PRESETS:
                 raise ValueError(f"preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-            values = {**PRESETS[preset], **{k: v for k, v in values.items() if v is not None}}
+            defaults.update(PRESETS[preset])
+        if values.get("linprobe"):
+            defaults.update(LINPROBE)
+        if defaults:
+            values = {**defaults, **{k: v for k, v in values.items() if v is not None}}
         return cls(**values)
 
     def validate(self) -> FinetuneConfig:
@@ -228,7 +248,33 @@ class FinetuneConfig:
             raise ValueError(f"img_size must be an int >= 1 or None, got {self.img_size!r}")
         if self.output_dir == "":
             raise ValueError("output_dir must not be empty")
+        if not isinstance(self.linprobe, bool):
+            raise ValueError(f"linprobe must be True or False, got {self.linprobe!r}")
+        if self.linprobe:
+            frozen_only = (("mixup", self.mixup, 0.0), ("cutmix", self.cutmix, 0.0), ("drop_path", self.drop_path, 0.0),
+                           ("reprob", self.reprob, 0.0), ("aa", self.aa, None),
+                           ("cutmix_minmax", self.cutmix_minmax, None))  # fmt: skip
+            for name, value, allowed in frozen_only:
+                if value != allowed:
+                    raise ValueError(
+                        f"{name}: the linear probe trains on RandomResizedCrop + flip only, without mixing or "
+                        f"drop path; {name} must be {allowed}, got {value!r}"
+                    )
         return self
+
+    def capped_to(self, train_images: int) -> FinetuneConfig:
+        """The linear probe's batch capped by a small training split: at most ``train_images`` (rounded down
+        to a multiple of ``accum_steps``), so that an epoch is one step at least; the lr follows the capped
+        batch (blr x batch / 256). Other runs, and batches that fit, are returned as they are."""
+        if not self.linprobe or self.batch_size <= train_images:
+            return self
+        capped = train_images - train_images % self.accum_steps
+        if capped < self.accum_steps:
+            raise ValueError(
+                f"batch_size: {train_images} training image(s) cannot fill accum_steps={self.accum_steps} "
+                "micro-batches"
+            )
+        return dataclasses.replace(self, batch_size=capped)
 
     @property
     def mixup_active(self) -> bool:
@@ -312,6 +358,48 @@ def build_classifier(config: FinetuneConfig, num_classes: int, in_chans: int):
     return model, report
 
 
+def with_probe_head(model: VisionTransformerClassifier) -> VisionTransformerClassifier:
+    """``model`` with its head replaced by the linear probe's BatchNorm1d(affine=False, eps=1e-6) + the
+    same Linear (``head.0``, ``head.1``: the release's layout, which a timm ViT takes after the same swap)."""
+    linear = model.head
+    model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+    return model
+
+
+def prepare_linear_probe(model: VisionTransformerClassifier, seed: int) -> VisionTransformerClassifier:
+    """The release's probe on ``model``: the head's Linear weight re-drawn trunc_normal(std 0.01) (from
+    ``seed``, leaving the global generators alone), the BN + Linear head, and every other parameter frozen."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nn.init.trunc_normal_(model.head.weight, std=PROBE_HEAD_INIT_STD)
+    nn.init.zeros_(model.head.bias)
+    with_probe_head(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("head."))
+    return model
+
+
+def build_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """Fine-tuning: AdamW on :func:`param_groups_layer_decay`'s groups. Linear probe: timm's LARS on the
+    trainable (head) parameters, as the release's: the weights (> 1-D) take the weight decay and the trust
+    ratio (momentum 0.9, trust coefficient 0.001), the 1-D ones (the bias) plain momentum SGD."""
+    if not config.linprobe:
+        groups = param_groups_layer_decay(model, config.weight_decay, config.layer_decay, model.no_weight_decay())
+        for group in groups:
+            group.pop("param_names")
+        return torch.optim.AdamW(groups, lr=config.peak_lr)
+    from timm.optim import Lars
+
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": config.weight_decay, "always_adapt": True,
+         "name": "probe_weight"},
+        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0, "always_adapt": False,
+         "name": "probe_bias"},
+    ]  # fmt: skip
+    return Lars(groups, lr=config.peak_lr, momentum=LARS_MOMENTUM, trust_coeff=LARS_TRUST_COEFF)
+
+
 # --- data ----------------------------------------------------------------------------------------------
 
 
@@ -326,19 +414,27 @@ def build_transforms(config: FinetuneConfig, img_size: int, mean, std):
     """(train, eval) transforms from a uint8 [C, H, W] image to a normalised float tensor.
 
     RGB folders: timm's ``create_transform`` (bicubic RandomResizedCrop, flip, RandAugment ``config.aa``,
-    random erasing) and the release's eval (bicubic resize to size / 0.875, centre crop; crop 1 above 224).
-    The 1-channel 28 px Fashion-MNIST images: RandAugment's colour operations mean little on greyscale, so
-    training uses a RandomResizedCrop(scale 0.5-1) + flip + timm's RandomErasing; eval is the image as is.
+    random erasing) and the release's eval (bicubic resize to size / 0.875, centre crop; crop 1 above 224);
+    the linear probe trains on a bicubic RandomResizedCrop + flip only (the release's). The 1-channel 28 px
+    Fashion-MNIST images: RandAugment's colour operations mean little on greyscale, so training uses a
+    RandomResizedCrop(scale 0.5-1) + flip + timm's RandomErasing (off in the probe, reprob 0);
+    eval is the image as is.
     """
     from timm.data import create_transform
     from timm.data.random_erasing import RandomErasing
     from torchvision import transforms as T
 
     if config.data == "imagefolder":
-        train = create_transform(
-            input_size=img_size, is_training=True, auto_augment=config.aa, interpolation="bicubic",
-            re_prob=config.reprob, re_mode=config.remode, re_count=config.recount, mean=mean, std=std,
-        )  # fmt: skip
+        if config.linprobe:  # the release's probe: RandomResizedCrop + flip, nothing else
+            train = T.Compose([
+                T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
+                T.ToTensor(), T.Normalize(mean, std),
+            ])  # fmt: skip
+        else:
+            train = create_transform(
+                input_size=img_size, is_training=True, auto_augment=config.aa, interpolation="bicubic",
+                re_prob=config.reprob, re_mode=config.remode, re_count=config.recount, mean=mean, std=std,
+            )  # fmt: skip
         resize = int(img_size / 0.875) if img_size <= 224 else img_size
         evaluate = T.Compose([
             T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size), T.ToTensor(),
@@ -421,11 +517,14 @@ class FinetuneData:
     num_classes: int
     in_chans: int
     classes: list
+    train_images: int
 
 
-def build_data(config: FinetuneConfig, img_size: int | None = None) -> FinetuneData:
-    """Loaders of the training and validation splits. ``img_size`` None: only the class count and channels
-    are read (the sources are built; the loaders are built at the size passed later)."""
+def build_data(config: FinetuneConfig, img_size: int | None = None, training: bool = True) -> FinetuneData:
+    """Loaders of the training and validation splits. ``img_size`` None: only the class count, channels and
+    number of training images are read (the loaders are built at the size passed later). ``training``
+    False: the training loader will not run (a look at the data, an evaluation), so a batch larger than
+    the training split is no error."""
     train_source = data.build_source(_data_view(config), "train")
     if config.train_limit is not None:
         train_source = _FirstImages(train_source, config.train_limit)
@@ -438,7 +537,7 @@ def build_data(config: FinetuneConfig, img_size: int | None = None) -> FinetuneD
     micro = config.batch_size // config.accum_steps
     sampler = data.ResumableSampler(train_set, 1, 0, config.seed)
     steps = sampler.num_samples // micro // config.accum_steps
-    if steps < 1:
+    if steps < 1 and training:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {len(train_set)} training images")
     workers = config.num_workers
     common = dict(num_workers=workers, persistent_workers=workers > 0, worker_init_fn=data.ignore_stop_signals)
@@ -451,7 +550,7 @@ def build_data(config: FinetuneConfig, img_size: int | None = None) -> FinetuneD
         generator=torch.Generator().manual_seed(config.seed), **common,
     )  # fmt: skip
     return FinetuneData(train_loader, sampler, eval_loader, steps, num_classes, train_source.in_chans,
-                        list(train_source.classes))  # fmt: skip
+                        list(train_source.classes), len(train_set))  # fmt: skip
 
 
 def _data_view(config: FinetuneConfig):
@@ -600,10 +699,11 @@ def _build_mixup(config: FinetuneConfig, num_classes: int):
 
 
 def _check_resume(saved: dict, wanted: dict) -> None:
+    defaults = FinetuneConfig().to_dict()  # for settings newer than the checkpoint
     conflicts = [
-        f"{name}: {saved.get(name)!r} -> {value!r}"
+        f"{name}: {saved.get(name, defaults[name])!r} -> {value!r}"
         for name, value in wanted.items()
-        if name not in RESUME_MAY_CHANGE and saved.get(name) != value
+        if name not in RESUME_MAY_CHANGE and saved.get(name, defaults[name]) != value
     ]
     if conflicts:
         raise ValueError("resume: the checkpoint's run had other settings: " + "; ".join(conflicts))
@@ -613,14 +713,18 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as ``config`` says; checkpoints, metrics.jsonl and finetuned.pth go to ``config.output_dir``."""
     config.validate()
     device = resolve_device(config)
-    probe = build_data(config)
+    probe = build_data(config, training=False)
+    capped = config.capped_to(probe.train_images)
+    if capped is not config:
+        print(f"linprobe: batch_size {config.batch_size} capped at {capped.batch_size}, the size of the training "
+              f"split (lr {capped.peak_lr:.3g} = blr x batch / 256)", flush=True)  # fmt: skip
+        config = capped
     model, report = build_classifier(config, probe.num_classes, probe.in_chans)
+    if config.linprobe:
+        prepare_linear_probe(model, config.seed)
     loaders = build_data(config, model.img_size[0])
     model = model.to(device)
-    groups = param_groups_layer_decay(model, config.weight_decay, config.layer_decay, model.no_weight_decay())
-    for group in groups:
-        group.pop("param_names")
-    optimizer = torch.optim.AdamW(groups, lr=config.peak_lr)
+    optimizer = build_optimizer(model, config)
     mixup, criterion = _build_mixup(config, loaders.num_classes)
     trainer = Trainer(model, optimizer, config, device, mixup, criterion)
 
@@ -781,15 +885,18 @@ def load_finetuned(path: str) -> tuple[VisionTransformerClassifier, dict]:
     if "classifier" not in state:
         raise ValueError(f"{path}: not a fine-tuned checkpoint of mae-fast finetune (no 'classifier' entry)")
     model = VisionTransformerClassifier(**{**state["classifier"], "img_size": tuple(state["classifier"]["img_size"])})
+    settings = state.get("args") or state.get("config") or {}
+    if settings.get("linprobe"):
+        with_probe_head(model)
     model.load_state_dict(state["model"])
-    return model, state.get("args") or state.get("config") or {}
+    return model, settings
 
 
 def evaluate_checkpoint(path: str, config: FinetuneConfig) -> dict:
     """Top-1 / top-5 / loss of a fine-tuned checkpoint on the validation split of ``config``'s data."""
     model, _ = load_finetuned(path)
     device = resolve_device(config)
-    loaders = build_data(config, model.img_size[0])
+    loaders = build_data(config, model.img_size[0], training=False)
     if loaders.num_classes != model.num_classes:
         raise ValueError(f"data: {loaders.num_classes} classes, the checkpoint's head has {model.num_classes}")
     return evaluate(model.to(device), loaders.eval_loader, device, autocast_dtype(config.precision, device))
@@ -833,6 +940,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
     parser.add_argument("--img-size", type=int, default=None, help="default: the pretrained size")
     parser.add_argument("--cls-token", action="store_true", help="pool the cls token (default: average + fc_norm)")
+    parser.add_argument("--linprobe", action="store_true",
+                        help="the release's linear probe: frozen encoder, cls token, BN + Linear head, LARS")
     for name, kind in (("epochs", int), ("max-steps", int), ("warmup-epochs", float), ("batch-size", int),
                        ("accum-steps", int), ("blr", float), ("lr", float), ("min-lr", float),
                        ("weight-decay", float), ("layer-decay", float), ("drop-path", float), ("clip-grad", float),
@@ -861,6 +970,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         values["global_pool"] = False
     if args.no_progress:
         values["progress"] = False
+    if args.linprobe:
+        values["linprobe"] = True
     values["pretrained"] = args.pretrained
     return FinetuneConfig.from_dict(values).validate()
 
