@@ -147,6 +147,38 @@ def test_auto_resume_with_only_unreadable_checkpoints_is_refused(tmp_path, finis
         pretrain(tiny_config(tmp_path, resume="auto"))
 
 
+@pytest.mark.parametrize("killed_at", ["config.json", "metrics.jsonl"])
+def test_a_resume_killed_while_rewriting_metrics_and_config_loses_neither(
+    tmp_path, finished_run, monkeypatch, killed_at
+):
+    """The resume rewrites metrics.jsonl (dropping records past its step) and config.json through a temporary
+    file and a rename: a kill in the middle of the write leaves both files as they were, whole."""
+    from mae_fast.train import checkpointing
+
+    names = ("metrics.jsonl", "config.json")
+    before = {name: open(os.path.join(finished_run.output_dir, name), "rb").read() for name in names}
+    real_replace = os.replace
+
+    def killed_before_rename(src, dst):
+        if os.path.basename(dst) == killed_at:
+            raise KeyboardInterrupt  # the signal lands after the temporary file is written, before the rename
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpointing.os, "replace", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(dataclasses.replace(finished_run, resume="auto", max_steps=5))
+    monkeypatch.undo()
+    for name in names:  # config.json is rewritten first, with the same settings apart from max_steps
+        now = open(os.path.join(finished_run.output_dir, name), "rb").read()
+        assert now == before[name] or (name == "config.json" and killed_at == "metrics.jsonl"), name
+        records = [now] if name == "config.json" else now.splitlines()
+        assert records and all(json.loads(record) for record in records)  # whole
+    leftovers = [n for n in os.listdir(finished_run.output_dir) if n.endswith(".tmp")]
+    assert leftovers == []
+    result = pretrain(dataclasses.replace(finished_run, resume="auto", max_steps=5))
+    assert result.step == 5
+
+
 # --- 3. signals to the whole process group ----------------------------------------------------------------------
 
 

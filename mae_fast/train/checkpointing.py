@@ -20,7 +20,9 @@ import glob
 import os
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -55,14 +57,15 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save ``obj`` to ``path`` so that ``path`` is never seen half-written."""
+def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``: a reader (or a run
+    killed meanwhile) sees the old file whole or the new one whole, never a half-written one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,6 +74,16 @@ def atomic_save(obj, path: str) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(folder)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save ``obj`` to ``path`` so that ``path`` is never seen half-written."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` so that ``path`` is never seen half-written."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def save_checkpoint(state: dict, folder: str, keep_last: int) -> str:

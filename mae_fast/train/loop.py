@@ -95,8 +95,7 @@ class _MetricsWriter:
                         kept.append(json.dumps(record) + "\n")
         if torn:
             print(f"{self.path}: dropped {torn} torn line(s) (a write cut short by a kill)", flush=True)
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        checkpointing.atomic_write_text(self.path, "".join(kept))
         self.tensorboard = None
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
@@ -177,8 +176,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
     if ctx.is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
         _drop_outputs_after(config.output_dir, newer, step)
-        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-            f.write(config.to_json() + "\n")
+        checkpointing.atomic_write_text(os.path.join(config.output_dir, "config.json"), config.to_json() + "\n")
 
     result = PretrainResult(config.output_dir, step, total_steps, history=history)
     metrics = _MetricsWriter(config.output_dir, step) if ctx.is_main else None
