@@ -123,3 +123,25 @@ def test_progress_is_a_bar_with_one_summary_line_per_epoch(tmp_path, capsys):
     captured = capsys.readouterr()
     assert [line.split(":")[0] for line in captured.out.splitlines()] == ["epoch 0", "epoch 1"]
     assert "finetune: 100%" in captured.err and "8/8" in captured.err  # tqdm's bar, on stderr
+
+
+def test_no_data_worker_outlives_the_run(tmp_path):
+    """The workers ignore SIGTERM, so one left for interpreter exit would hang it (multiprocessing's exit
+    hook terminates daemon children with SIGTERM, then joins them): the run stops them itself, also when a
+    reference cycle keeps its loaders alive (the garbage collector is off here to make that certain)."""
+    import gc
+    import multiprocessing
+
+    data_path = _image_folder(tmp_path / "data")
+    config = _config(_cli_args(data_path, str(tmp_path / "run")), epochs=1)
+    gc.collect()
+    before = set(multiprocessing.active_children())
+    gc.disable()
+    try:
+        result = finetune_module.finetune(config)
+        assert result.final and config.num_workers == 1
+        assert set(multiprocessing.active_children()) == before
+        finetune_module.evaluate_checkpoint(result.export, config)
+        assert set(multiprocessing.active_children()) == before
+    finally:
+        gc.enable()

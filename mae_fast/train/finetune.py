@@ -723,7 +723,25 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if config.linprobe:
         prepare_linear_probe(model, config.seed)
     loaders = build_data(config, model.img_size[0])
-    model = model.to(device)
+    try:
+        return _train(config, device, model.to(device), report, loaders)
+    finally:
+        stop_workers(loaders)
+
+
+def stop_workers(loaders: FinetuneData) -> None:
+    """Shut the loaders' persistent workers down now. They ignore SIGTERM (``data.ignore_stop_signals``),
+    and the loaders can outlive the run in a reference cycle (a caught exception's traceback holds the
+    frames): workers still running at interpreter exit would block it, as multiprocessing's exit hook
+    terminates daemon processes with SIGTERM and then joins them. torch's DataLoader has no public close."""
+    for loader in (loaders.train_loader, loaders.eval_loader):
+        iterator, loader._iterator = loader._iterator, None
+        if iterator is not None:
+            iterator._shutdown_workers()
+
+
+def _train(config: FinetuneConfig, device: torch.device, model, report, loaders: FinetuneData) -> FinetuneResult:
+    """The run of :func:`finetune` on its built model (on ``device``) and loaders."""
     optimizer = build_optimizer(model, config)
     mixup, criterion = _build_mixup(config, loaders.num_classes)
     trainer = Trainer(model, optimizer, config, device, mixup, criterion)
@@ -899,7 +917,10 @@ def evaluate_checkpoint(path: str, config: FinetuneConfig) -> dict:
     loaders = build_data(config, model.img_size[0], training=False)
     if loaders.num_classes != model.num_classes:
         raise ValueError(f"data: {loaders.num_classes} classes, the checkpoint's head has {model.num_classes}")
-    return evaluate(model.to(device), loaders.eval_loader, device, autocast_dtype(config.precision, device))
+    try:
+        return evaluate(model.to(device), loaders.eval_loader, device, autocast_dtype(config.precision, device))
+    finally:
+        stop_workers(loaders)
 
 
 # --- command line ----------------------------------------------------------------------------------------
