@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mae_fast.interop._common import count_blocks, state_dict_from
 from mae_fast.models.classifier import ENCODERS, VisionTransformerClassifier, encoder_state_dict, load_pretrained
-from mae_fast.train import checkpointing, data
+from mae_fast.train import checkpointing, data, distributed
 from mae_fast.train.loop import StopFlag
 from mae_fast.train.schedule import lr_factor
 
@@ -520,11 +520,18 @@ class FinetuneData:
     train_images: int
 
 
-def build_data(config: FinetuneConfig, img_size: int | None = None, training: bool = True) -> FinetuneData:
+def build_data(
+    config: FinetuneConfig,
+    img_size: int | None = None,
+    training: bool = True,
+    ctx: distributed.DistContext | None = None,
+) -> FinetuneData:
     """Loaders of the training and validation splits. ``img_size`` None: only the class count, channels and
     number of training images are read (the loaders are built at the size passed later). ``training``
     False: the training loader will not run (a look at the data, an evaluation), so a batch larger than
-    the training split is no error."""
+    the training split is no error. Under torchrun (``ctx``) each rank reads its share of every global batch
+    (``batch_size`` is global) and every world-th validation image, from its rank on (nothing twice)."""
+    ctx = ctx or distributed.DistContext()
     train_source = data.build_source(_data_view(config), "train")
     if config.train_limit is not None:
         train_source = _FirstImages(train_source, config.train_limit)
@@ -534,8 +541,8 @@ def build_data(config: FinetuneConfig, img_size: int | None = None, training: bo
     train_fn, eval_fn = build_transforms(config, size, train_source.mean, train_source.std)
     train_set = SeededTransformDataset(train_source, train_fn, config.seed, num_classes)
     eval_set = SeededTransformDataset(eval_source, eval_fn, config.seed, num_classes)
-    micro = config.batch_size // config.accum_steps
-    sampler = data.ResumableSampler(train_set, 1, 0, config.seed)
+    micro = micro_batch(config, ctx.world_size)
+    sampler = data.ResumableSampler(train_set, ctx.world_size, ctx.rank, config.seed)
     steps = sampler.num_samples // micro // config.accum_steps
     if steps < 1 and training:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {len(train_set)} training images")
@@ -545,12 +552,24 @@ def build_data(config: FinetuneConfig, img_size: int | None = None, training: bo
         train_set, batch_size=micro, sampler=sampler, drop_last=True,
         generator=torch.Generator().manual_seed(config.seed), **common,
     )  # fmt: skip
+    if ctx.distributed:
+        eval_set = Subset(eval_set, range(ctx.rank, len(eval_set), ctx.world_size))
     eval_loader = DataLoader(
         eval_set, batch_size=config.eval_batch_size, shuffle=False,
         generator=torch.Generator().manual_seed(config.seed), **common,
     )  # fmt: skip
     return FinetuneData(train_loader, sampler, eval_loader, steps, num_classes, train_source.in_chans,
                         list(train_source.classes), len(train_set))  # fmt: skip
+
+
+def micro_batch(config: FinetuneConfig, world_size: int) -> int:
+    """Images per rank per forward: the global ``batch_size`` split over accumulation steps and ranks."""
+    if config.batch_size % (config.accum_steps * world_size):
+        raise ValueError(
+            f"batch_size={config.batch_size} must be a multiple of accum_steps x processes = "
+            f"{config.accum_steps} x {world_size}"
+        )
+    return config.batch_size // (config.accum_steps * world_size)
 
 
 def _data_view(config: FinetuneConfig):
@@ -589,9 +608,10 @@ class Trainer:
 
     def __init__(
         self, model, optimizer, config: FinetuneConfig, device: torch.device, mixup=None, criterion=None,
-        init_scale: float = 2.0**16,
+        init_scale: float = 2.0**16, ctx: distributed.DistContext | None = None,
     ):  # fmt: skip
         self.model, self.optimizer, self.config, self.device = model, optimizer, config, device
+        self.ctx = ctx or distributed.DistContext()
         self.dtype = autocast_dtype(config.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=config.precision == "fp16")
         self.mixup = mixup
@@ -603,7 +623,8 @@ class Trainer:
 
     def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> tuple[float, bool]:
         """Accumulate the gradients of ``micro_batches`` and apply one update at peak-relative ``lr``
-        (each group gets lr x its lr_scale). Returns (mean loss, whether the update was applied)."""
+        (each group gets lr x its lr_scale). Returns (mean loss, whether the update was applied). Under
+        torchrun the loss is the mean over every rank's micro-batches, so all ranks skip the same steps."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
@@ -617,7 +638,7 @@ class Trainer:
                 loss = self.criterion(self.model(imgs), targets)
             self.scaler.scale(loss.float() / len(micro_batches)).backward()
             total += loss.detach().float()
-        mean_loss = float(total) / len(micro_batches)
+        mean_loss = float(distributed.sum_tensor(total, self.ctx)) / (len(micro_batches) * self.ctx.world_size)
         if not self.scaler.is_enabled() and not math.isfinite(mean_loss):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
@@ -635,9 +656,13 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, dtype: torch.dtype | None = None, num_classes: int | None = None):
+def evaluate(
+    model, loader, device: torch.device, dtype: torch.dtype | None = None, num_classes: int | None = None,
+    ctx: distributed.DistContext | None = None,
+):  # fmt: skip
     """{"acc1", "acc5", "loss", "count"} of ``model`` over ``loader`` (cross-entropy on hard labels);
-    ``confusion`` [C, C] (rows: true class) when ``num_classes`` is given."""
+    ``confusion`` [C, C] (rows: true class) when ``num_classes`` is given. Under torchrun (``ctx``) every rank
+    evaluates its shard of the split and the counts are summed over the ranks: every rank gets the totals."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = count = 0
@@ -657,6 +682,12 @@ def evaluate(model, loader, device: torch.device, dtype: torch.dtype | None = No
             pairs = labels.cpu() * num_classes + top[:, 0].cpu()
             confusion += torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
     model.train(was_training)
+    if ctx is not None and ctx.distributed:
+        totals = torch.tensor([correct1, correct5, count, loss_sum], dtype=torch.float64, device=device)
+        correct1, correct5, count, loss_sum = distributed.sum_tensor(totals, ctx).tolist()
+        correct1, correct5, count = int(correct1), int(correct5), int(count)
+        if confusion is not None:
+            confusion = distributed.sum_tensor(confusion.to(device), ctx).cpu()
     if count == 0:
         raise ValueError("the validation split holds no images")
     result = {"acc1": correct1 / count, "acc5": correct5 / count, "loss": loss_sum / count, "count": count}
@@ -679,6 +710,7 @@ class FinetuneResult:
     final: dict = field(default_factory=dict)
     load_report: str | None = None
     interrupted: str | None = None  # the signal (SIGTERM / SIGINT) that stopped the run at a checkpoint
+    is_main: bool = True  # False on the ranks after the first under torchrun (rank 0 reports)
 
 
 def _build_mixup(config: FinetuneConfig, num_classes: int):
@@ -713,18 +745,28 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as ``config`` says; checkpoints, metrics.jsonl and finetuned.pth go to ``config.output_dir``."""
     config.validate()
     device = resolve_device(config)
+    ctx = distributed.setup(device.type)
+    try:
+        return _finetune(config, device, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _finetune(config: FinetuneConfig, device: torch.device, ctx: distributed.DistContext) -> FinetuneResult:
+    if device.type == "cuda" and ctx.distributed:
+        device = torch.device("cuda", ctx.local_rank)
     probe = build_data(config, training=False)
     capped = config.capped_to(probe.train_images)
-    if capped is not config:
+    if capped is not config and ctx.is_main:
         print(f"linprobe: batch_size {config.batch_size} capped at {capped.batch_size}, the size of the training "
               f"split (lr {capped.peak_lr:.3g} = blr x batch / 256)", flush=True)  # fmt: skip
-        config = capped
+    config = capped
     model, report = build_classifier(config, probe.num_classes, probe.in_chans)
     if config.linprobe:
         prepare_linear_probe(model, config.seed)
-    loaders = build_data(config, model.img_size[0])
+    loaders = build_data(config, model.img_size[0], ctx=ctx)
     try:
-        return _train(config, device, model.to(device), report, loaders)
+        return _train(config, device, model.to(device), report, loaders, ctx)
     finally:
         stop_workers(loaders)
 
@@ -740,18 +782,20 @@ def stop_workers(loaders: FinetuneData) -> None:
             iterator._shutdown_workers()
 
 
-def _train(config: FinetuneConfig, device: torch.device, model, report, loaders: FinetuneData) -> FinetuneResult:
-    """The run of :func:`finetune` on its built model (on ``device``) and loaders."""
+def _train(
+    config: FinetuneConfig, device: torch.device, model, report, loaders: FinetuneData, ctx: distributed.DistContext
+) -> FinetuneResult:
+    """The run of :func:`finetune` on its built model (on ``device``) and loaders. Under torchrun the model
+    trains wrapped in DDP; rank 0 writes the checkpoints (with every rank's random state), metrics and export."""
     optimizer = build_optimizer(model, config)
     mixup, criterion = _build_mixup(config, loaders.num_classes)
-    trainer = Trainer(model, optimizer, config, device, mixup, criterion)
 
     ckpt_dir = os.path.join(config.output_dir, "checkpoints")
     steps_per_epoch = loaders.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
     min_ratio = config.min_lr / config.peak_lr
-    result = FinetuneResult(load_report=None if report is None else str(report))
+    result = FinetuneResult(load_report=None if report is None else str(report), is_main=ctx.is_main)
     step = 0
     point = checkpointing.resolve_resume(config.resume, ckpt_dir)
     if point is not None:
@@ -759,41 +803,57 @@ def _train(config: FinetuneConfig, device: torch.device, model, report, loaders:
         _check_resume(state["config"], config.to_dict())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        trainer.scaler.load_state_dict(state["scaler"])
-        trainer.skipped_steps = int(state["metrics"]["skipped_steps"])
+        scaler_state = state["scaler"]
+        skipped = int(state["metrics"]["skipped_steps"])
         result.history = [tuple(item) for item in state["metrics"]["history"]]
-        checkpointing.set_rng_state(state["rng"])
+        rngs = state.get("rngs") or [state["rng"]]
+        checkpointing.set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
         step = int(state["step"])
         saved_step = step
     else:
-        saved_step = None
-        os.makedirs(config.output_dir, exist_ok=True)
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        np.random.seed(config.seed)
+        scaler_state, skipped, saved_step = None, 0, None
+        if ctx.is_main:
+            os.makedirs(config.output_dir, exist_ok=True)
+        torch.manual_seed(config.seed + ctx.rank)
+        random.seed(config.seed + ctx.rank)
+        np.random.seed(config.seed + ctx.rank)
+    distributed.barrier(ctx)
+    trainer = Trainer(distributed.wrap(model, ctx, "ddp", device), optimizer, config, device, mixup, criterion, ctx=ctx)
+    if scaler_state is not None:
+        trainer.scaler.load_state_dict(scaler_state)
+    trainer.skipped_steps = skipped
     metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
-    micro = config.batch_size // config.accum_steps
+    micro = micro_batch(config, ctx.world_size)
     last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
     progress = None
-    if config.progress:
+    if config.progress and ctx.is_main:
         from tqdm import tqdm
 
         progress = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True, desc="finetune")
     model.train()
-    with StopFlag() as stop, open(metrics_path, "a") as metrics:
+    metrics = open(metrics_path, "a") if ctx.is_main else None  # noqa: SIM115 (closed in the finally below)
+
+    def write(record: dict) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    stopping = False
+    with StopFlag() as stop:
         try:
-            while step < last_step and stop.signal_name is None:
+            while step < last_step and not stopping:
                 epoch, done = divmod(step, steps_per_epoch)
                 loaders.sampler.set_position(epoch, done * config.accum_steps * micro)
                 batches = iter(loaders.train_loader)
                 for _ in range(done, steps_per_epoch):
-                    if step >= last_step or stop.signal_name is not None:
+                    if step >= last_step or stopping:
                         break
                     try:
                         micro_batches = [next(batches) for _ in range(config.accum_steps)]
                     except RuntimeError as error:  # a worker killed by the signal we are stopping for
-                        if stop.signal_name is None or "DataLoader worker" not in str(error):
+                        if stop.signal_name is None or ctx.distributed or "DataLoader worker" not in str(error):
                             raise
+                        stopping = True
                         break  # the weights are those of `step`, complete
                     lr = config.peak_lr * lr_factor(step, warmup_steps, total_steps, min_ratio)
                     loss, _ = trainer.step(micro_batches, lr)
@@ -805,18 +865,15 @@ def _train(config: FinetuneConfig, device: torch.device, model, report, loaders:
                                   "skipped_steps": trainer.skipped_steps}  # fmt: skip
                         if trainer.scaler.is_enabled():
                             record["scale"] = trainer.scaler.get_scale()
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
+                        write(record)
                         if progress is not None:
                             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                     epoch_end = step % steps_per_epoch == 0
                     if epoch_end:
-                        scores = evaluate(model, loaders.eval_loader, device, trainer.dtype)
+                        scores = evaluate(model, loaders.eval_loader, device, trainer.dtype, ctx=ctx)
                         result.history.append((epoch, scores["acc1"], scores["acc5"], scores["loss"]))
-                        record = {"epoch": epoch, "test_acc1": scores["acc1"], "test_acc5": scores["acc5"],
-                                  "test_loss": scores["loss"]}  # fmt: skip
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
+                        write({"epoch": epoch, "test_acc1": scores["acc1"], "test_acc5": scores["acc5"],
+                               "test_loss": scores["loss"]})  # fmt: skip
                         if progress is not None:
                             progress.write(
                                 f"epoch {epoch}: loss {loss:.4f} val top-1 {scores['acc1']:.4f} "
@@ -826,25 +883,38 @@ def _train(config: FinetuneConfig, device: torch.device, model, report, loaders:
                     if periodic or (not config.ckpt_every and epoch_end) or step == last_step:
                         result.checkpoint = _save(config, model, optimizer, trainer, step, steps_per_epoch, result)
                         saved_step = step
-            if stop.signal_name is not None and step < last_step:
-                result.interrupted = stop.signal_name
+                    stopping = _stop_agreed(stop, ctx, device)
+            if stopping and step < last_step:
+                result.interrupted = stop.signal_name or "SIGTERM"  # another rank's signal
                 if saved_step != step:
                     result.checkpoint = _save(config, model, optimizer, trainer, step, steps_per_epoch, result)
         finally:
             if progress is not None:
                 progress.close()
+            if metrics is not None:
+                metrics.close()
     result.step, result.epoch = step, step // steps_per_epoch
     result.skipped_steps = trainer.skipped_steps
     if step == total_steps:
-        result.final = evaluate(model, loaders.eval_loader, device, trainer.dtype, loaders.num_classes)
+        result.final = evaluate(model, loaders.eval_loader, device, trainer.dtype, loaders.num_classes, ctx=ctx)
         result.export = os.path.join(config.output_dir, "finetuned.pth")
-        checkpointing.atomic_save(
-            {"model": _cpu_state(model), "classifier": model.config(), "args": config.to_dict(),
-             "classes": loaders.classes},
-            result.export,
-        )  # fmt: skip
-        _save_pictures(config.output_dir, result, loaders.classes)
+        if ctx.is_main:
+            checkpointing.atomic_save(
+                {"model": _cpu_state(model), "classifier": model.config(), "args": config.to_dict(),
+                 "classes": loaders.classes},
+                result.export,
+            )  # fmt: skip
+            _save_pictures(config.output_dir, result, loaders.classes)
+        distributed.barrier(ctx)
     return result
+
+
+def _stop_agreed(stop: StopFlag, ctx: distributed.DistContext, device: torch.device) -> bool:
+    """Whether a stop signal reached this process or, under torchrun, any rank (all ranks stop at one step)."""
+    if not ctx.distributed:
+        return stop.signal_name is not None
+    flag = torch.tensor(float(stop.signal_name is not None), dtype=torch.float64, device=device)
+    return bool(distributed.sum_tensor(flag, ctx).item() > 0)
 
 
 def _cpu_state(model: nn.Module) -> dict:
@@ -852,7 +922,14 @@ def _cpu_state(model: nn.Module) -> dict:
 
 
 def _save(config, model, optimizer, trainer, step, steps_per_epoch, result) -> str:
+    """Rank 0 writes the checkpoint of ``step`` (every rank's random state in "rngs"); collective under torchrun.
+    Returns its path (on every rank)."""
     epoch, done = divmod(step, steps_per_epoch)
+    rngs = distributed.all_gather_objects(checkpointing.rng_state(), trainer.ctx)
+    path = checkpointing.checkpoint_path(os.path.join(config.output_dir, "checkpoints"), step)
+    if not trainer.ctx.is_main:
+        distributed.barrier(trainer.ctx)
+        return path
     state = {
         "model": _cpu_state(model),
         "optimizer": optimizer.state_dict(),
@@ -861,12 +938,15 @@ def _save(config, model, optimizer, trainer, step, steps_per_epoch, result) -> s
         "step": step,
         "epoch": epoch,
         "micro_batch": done * config.accum_steps,
-        "rng": checkpointing.rng_state(),
+        "rng": rngs[0],
+        "rngs": rngs,
         "metrics": {"skipped_steps": trainer.skipped_steps, "history": [list(h) for h in result.history]},
         "config": config.to_dict(),
         "classifier": model.config(),
     }
-    return checkpointing.save_checkpoint(state, os.path.join(config.output_dir, "checkpoints"), config.keep_last)
+    checkpointing.save_checkpoint(state, os.path.join(config.output_dir, "checkpoints"), config.keep_last)
+    distributed.barrier(trainer.ctx)
+    return path
 
 
 def _save_pictures(output_dir: str, result: FinetuneResult, classes: list) -> None:
@@ -911,16 +991,24 @@ def load_finetuned(path: str) -> tuple[VisionTransformerClassifier, dict]:
 
 
 def evaluate_checkpoint(path: str, config: FinetuneConfig) -> dict:
-    """Top-1 / top-5 / loss of a fine-tuned checkpoint on the validation split of ``config``'s data."""
+    """Top-1 / top-5 / loss of a fine-tuned checkpoint on the validation split of ``config``'s data (sharded
+    over the ranks under torchrun; every rank gets the totals)."""
     model, _ = load_finetuned(path)
     device = resolve_device(config)
-    loaders = build_data(config, model.img_size[0], training=False)
-    if loaders.num_classes != model.num_classes:
-        raise ValueError(f"data: {loaders.num_classes} classes, the checkpoint's head has {model.num_classes}")
+    ctx = distributed.setup(device.type)
     try:
-        return evaluate(model.to(device), loaders.eval_loader, device, autocast_dtype(config.precision, device))
+        if device.type == "cuda" and ctx.distributed:
+            device = torch.device("cuda", ctx.local_rank)
+        loaders = build_data(config, model.img_size[0], training=False, ctx=ctx)
+        if loaders.num_classes != model.num_classes:
+            raise ValueError(f"data: {loaders.num_classes} classes, the checkpoint's head has {model.num_classes}")
+        try:
+            dtype = autocast_dtype(config.precision, device)
+            return evaluate(model.to(device), loaders.eval_loader, device, dtype, ctx=ctx)
+        finally:
+            stop_workers(loaders)
     finally:
-        stop_workers(loaders)
+        distributed.teardown(ctx)
 
 
 # --- command line ----------------------------------------------------------------------------------------
@@ -1006,12 +1094,16 @@ def run(args: argparse.Namespace) -> int:
             if config.pretrained is None:
                 raise ValueError("--eval needs the fine-tuned checkpoint as PRETRAINED")
             scores = evaluate_checkpoint(config.pretrained, config)
+            if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports
+                return 0
             print(f"top-1 {scores['acc1']:.4f}  top-5 {scores['acc5']:.4f}  loss {scores['loss']:.4f} "
                   f"({scores['count']} images)")  # fmt: skip
             return 0
         result = finetune(config)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"mae-fast finetune: {error}") from error
+    if not result.is_main:
+        return 0
     if result.load_report:
         print(f"pretrained weights: {result.load_report}")
     if result.interrupted:
