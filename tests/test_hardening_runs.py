@@ -179,6 +179,33 @@ def test_a_resume_killed_while_rewriting_metrics_and_config_loses_neither(
     assert result.step == 5
 
 
+@pytest.mark.parametrize("data_source", ["imagefolder", "fashion-mnist"])
+def test_no_data_worker_outlives_a_run_even_one_that_raises(tmp_path, monkeypatch, data_source):
+    """Workers ignore SIGTERM, so one still alive at interpreter exit would block it (multiprocessing's exit
+    hook terminates and joins them): pretrain shuts them down when the run ends, and when it raises while the
+    caller keeps the traceback (whose frames hold the loader)."""
+    import gc
+    import multiprocessing
+
+    from mae_fast.train import checkpointing
+
+    config = tiny_config(tmp_path, num_workers=1, max_steps=2, data=data_source)
+    before = set(multiprocessing.active_children())
+    gc.disable()  # only the explicit shutdown may end them, not a collection of the cycle
+    try:
+        pretrain(config)
+        assert set(multiprocessing.active_children()) == before
+        def disk_full(*args):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(checkpointing, "save_checkpoint", disk_full)
+        with pytest.raises(OSError, match="disk full") as caught:
+            pretrain(dataclasses.replace(config, output_dir=str(tmp_path / "raises")))
+        assert caught.traceback and set(multiprocessing.active_children()) == before
+    finally:
+        gc.enable()
+
+
 # --- 3. signals to the whole process group ----------------------------------------------------------------------
 
 

@@ -376,6 +376,21 @@ class TrainData:
         self.sampler.set_position(epoch, micro_batches_done * micro_batch)
         return iter(self.loader)
 
+    def close(self) -> None:
+        """Shut the loader's persistent workers down (a no-op for synthetic data or without workers)."""
+        shutdown_workers(getattr(self.loader, "loader", self.loader))
+
+
+def shutdown_workers(loader) -> None:
+    """Shut a DataLoader's persistent workers down now. They ignore SIGTERM (:func:`ignore_stop_signals`), and
+    a loader can outlive its run in a reference cycle (a caught exception's traceback holds the frames):
+    workers still running at interpreter exit would block it, as multiprocessing's exit hook terminates
+    daemon processes with SIGTERM and then joins them. torch's DataLoader has no public close."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        loader._iterator = None
+        iterator._shutdown_workers()
+
 
 class SyntheticBatches:
     """Random images made on the device, one seeded generator per (epoch, micro-batch, rank): for

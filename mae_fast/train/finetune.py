@@ -772,14 +772,9 @@ def _finetune(config: FinetuneConfig, device: torch.device, ctx: distributed.Dis
 
 
 def stop_workers(loaders: FinetuneData) -> None:
-    """Shut the loaders' persistent workers down now. They ignore SIGTERM (``data.ignore_stop_signals``),
-    and the loaders can outlive the run in a reference cycle (a caught exception's traceback holds the
-    frames): workers still running at interpreter exit would block it, as multiprocessing's exit hook
-    terminates daemon processes with SIGTERM and then joins them. torch's DataLoader has no public close."""
+    """Shut the loaders' persistent workers down now (:func:`mae_fast.train.data.shutdown_workers`)."""
     for loader in (loaders.train_loader, loaders.eval_loader):
-        iterator, loader._iterator = loader._iterator, None
-        if iterator is not None:
-            iterator._shutdown_workers()
+        data.shutdown_workers(loader)
 
 
 def _train(

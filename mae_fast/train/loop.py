@@ -127,13 +127,18 @@ def pretrain(config: TrainConfig) -> PretrainResult:
     config.validate()
     device = resolve_device(config)
     ctx = distributed.setup(device.type)
+    opened: list[data.TrainData] = []
     try:
-        return _run(config, device, ctx)
+        return _run(config, device, ctx, opened)
     finally:
+        for train_data in opened:  # its workers must not outlive the run (data.shutdown_workers)
+            train_data.close()
         distributed.teardown(ctx)
 
 
-def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext) -> PretrainResult:
+def _run(
+    config: TrainConfig, device: torch.device, ctx: distributed.DistContext, opened: list[data.TrainData]
+) -> PretrainResult:
     micro_batch = config.micro_batch(ctx.world_size)
     ckpt_dir = os.path.join(config.output_dir, "checkpoints")
     # everything that can refuse the run comes before the first write to the run folder
@@ -142,6 +147,7 @@ def _run(config: TrainConfig, device: torch.device, ctx: distributed.DistContext
     core = model = build_model(config, device)  # core: the bare MAE, whatever wrapping follows
     build_data = encoded_data.build_encoded_train_data if _decodes_on_device(config, device) else data.build_train_data
     train_data = build_data(config, core.img_size[0], core.num_patches, ctx.world_size, ctx.rank, device)
+    opened.append(train_data)
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
     end_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
