@@ -13,6 +13,7 @@ torch.compile traces them without a graph break.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,12 @@ def load() -> None:
     if _loaded:
         return
     _loaded = True
+    if importlib.util.find_spec("mae_fast._C") is None:
+        _state.reason = (
+            "mae_fast._C is not built in this install (setup.py builds it with a CUDA torch, nvcc and a GPU"
+            " or TORCH_CUDA_ARCH_LIST; see the README's 'CUDA extension')"
+        )
+        return
     try:
         from mae_fast import _C
     except ImportError as error:

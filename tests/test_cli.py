@@ -1,6 +1,7 @@
 """The command line: info runs, every subcommand is listed, only the selected one is imported, and a regular
 install (no benchmarks/ next to mae_fast/) keeps every subcommand but bench working."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -45,6 +46,20 @@ def test_info_shows_the_backend_of_every_op_of_a_model_step():
     }
     if torch.version.cuda is not None and _extension.available():
         assert {backend for backends in info.model_step_backends("cuda").values() for backend in backends} == {"cuda"}
+
+
+def test_info_says_the_extension_is_not_built_when_the_install_has_none(monkeypatch):
+    """A CPU install has no mae_fast._C; the reason must say so, not report a circular import."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "mae_fast._C" else real_find_spec(name, *args)
+    )
+    monkeypatch.setattr(_extension, "_state", _extension._State())
+    monkeypatch.setattr(_extension, "_loaded", False)
+    _extension.load()
+    assert not _extension.available()
+    assert "mae_fast._C is not built in this install" in _extension.unavailable_reason()
+    assert "mae_fast._C is not built in this install" in info.report()
 
 
 def test_python_dash_m_info():
