@@ -325,6 +325,7 @@ def _device_main(args) -> int:
     return 0
 
 
+@harness.restores_torch_threads
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per pipeline (default 7)")

@@ -143,6 +143,7 @@ def measure(size: str, steps: int, warmup: int, with_compile: bool) -> list[dict
     return rows
 
 
+@harness.restores_torch_threads
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="demo,vit_b", help=f"comma list of {','.join(SIZES)}")

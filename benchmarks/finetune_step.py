@@ -30,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks import harness
 from mae_fast.models.classifier import create_classifier, to_timm_vit
 from mae_fast.train.finetune import param_groups_layer_decay
 
@@ -75,6 +76,7 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
+@harness.restores_torch_threads
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="vit_b")

@@ -10,6 +10,7 @@ without a GPU and are never performance claims.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import platform
@@ -59,6 +60,21 @@ class Budget:
 
     def exhausted(self) -> bool:
         return self.seconds is not None and self.elapsed() >= self.seconds
+
+
+def restores_torch_threads(main: Callable[..., int]) -> Callable[..., int]:
+    """A benchmark's ``main`` that may set torch's CPU thread count, made to put the caller's count back on
+    return (``mae-fast bench`` and the tests call these mains in their own process)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        threads = torch.get_num_threads()
+        try:
+            return main(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
 
 
 def error_message(error: Exception) -> str:

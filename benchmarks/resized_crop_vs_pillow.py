@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks import harness
 from mae_fast import ops
 from mae_fast.train.data import random_resized_crop_box
 
@@ -108,6 +109,7 @@ def measure(crops: int, size: int, seed: int = 0) -> dict[str, dict[str, float]]
     return results
 
 
+@harness.restores_torch_threads
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crops", type=int, default=20, help="random boxes per photo (default 20)")

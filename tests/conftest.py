@@ -51,3 +51,14 @@ def device() -> torch.device:
 def _fresh_seed(request):
     """Fresh random inputs per test, reproducible from the test's name."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _thread_count_unchanged(request):
+    """A test that leaves torch's CPU thread count changed fails here: later tests in the process would run
+    their GEMMs with other reduction orders than the subprocesses they are compared with."""
+    threads = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    assert after == threads, f"{request.node.nodeid} left torch's thread count at {after} (it was {threads})"
