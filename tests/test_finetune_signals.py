@@ -14,25 +14,12 @@ import time
 
 import pytest
 import torch
+from train_helpers import make_split_image_folder, subprocess_env
 
 from mae_fast.train import finetune as finetune_module
 from mae_fast.train.checkpointing import latest_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ENCODER = dict(embed_dim=32, depth=2, num_heads=4)
-
-
-def _image_folder(root) -> str:
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 8), ("val", 2)):
-        for label in ("cat", "dog"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(0, 256, (20, 20, 3), generator=generator, dtype=torch.uint8).numpy()
-                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
-    return str(root)
 
 
 def _cli_args(data_path: str, output_dir: str) -> list[str]:
@@ -51,20 +38,14 @@ def _config(args: list[str], **changes) -> finetune_module.FinetuneConfig:
     return dataclasses.replace(finetune_module.config_from_args(parser.parse_args(args)), **changes)
 
 
-def _subprocess_env():
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_ends_in_a_checkpoint_and_the_resume_is_bit_exact(tmp_path, signum):
-    data_path = _image_folder(tmp_path / "data")
+    data_path = make_split_image_folder(tmp_path / "data", 8, 2, 20, 20)
     output_dir = str(tmp_path / "signalled")
     args = _cli_args(data_path, output_dir)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mae_fast", "finetune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=_subprocess_env(), start_new_session=True,
+        text=True, env=subprocess_env(), start_new_session=True,
     )  # fmt: skip
     metrics = os.path.join(output_dir, "metrics.jsonl")
     deadline = time.monotonic() + 120
@@ -96,7 +77,7 @@ def test_a_signal_ends_in_a_checkpoint_and_the_resume_is_bit_exact(tmp_path, sig
 def test_a_signal_in_process_stops_at_the_current_step(tmp_path, monkeypatch):
     """The run returns (no exception, no export) with ``interrupted`` set and a checkpoint of that step,
     also when the signal comes between two checkpoints."""
-    data_path = _image_folder(tmp_path / "data")
+    data_path = make_split_image_folder(tmp_path / "data", 8, 2, 20, 20)
     config = _config(_cli_args(data_path, str(tmp_path / "run")), num_workers=0, ckpt_every=100)
     real_step = finetune_module.Trainer.step
     calls = {"n": 0}
@@ -115,7 +96,7 @@ def test_a_signal_in_process_stops_at_the_current_step(tmp_path, monkeypatch):
 
 
 def test_progress_is_a_bar_with_one_summary_line_per_epoch(tmp_path, capsys):
-    data_path = _image_folder(tmp_path / "data")
+    data_path = make_split_image_folder(tmp_path / "data", 8, 2, 20, 20)
     args = [*_cli_args(data_path, str(tmp_path / "run")), "--epochs", "2"]
     args.remove("--no-progress")
     result = finetune_module.finetune(_config(args, num_workers=0))
@@ -132,7 +113,7 @@ def test_no_data_worker_outlives_the_run(tmp_path):
     import gc
     import multiprocessing
 
-    data_path = _image_folder(tmp_path / "data")
+    data_path = make_split_image_folder(tmp_path / "data", 8, 2, 20, 20)
     config = _config(_cli_args(data_path, str(tmp_path / "run")), epochs=1)
     gc.collect()
     before = set(multiprocessing.active_children())

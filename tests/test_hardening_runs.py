@@ -14,14 +14,12 @@ import time
 
 import pytest
 import torch
-from train_helpers import TINY, tiny_config
+from train_helpers import TINY, subprocess_env, tiny_config
 
 from mae_fast.cli import main
 from mae_fast.train import pretrain
 from mae_fast.train.checkpointing import checkpoint_path, list_checkpoints, load_training_checkpoint
 from mae_fast.train.data import TrainData
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _folder_snapshot(output_dir) -> dict:
@@ -209,12 +207,6 @@ def test_no_data_worker_outlives_a_run_even_one_that_raises(tmp_path, monkeypatc
 # --- 3. signals to the whole process group ----------------------------------------------------------------------
 
 
-def _subprocess_env():
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_group_signal_with_workers_ends_in_a_checkpoint(tmp_path, signum):
     config = tiny_config(tmp_path, epochs=10_000)
@@ -223,7 +215,7 @@ def test_a_group_signal_with_workers_ends_in_a_checkpoint(tmp_path, signum):
     args += ["--blr", "1e-2", "--warmup-epochs", "1", "--num-workers", "2", "--output-dir", config.output_dir]
     args += ["--log-every", "1", "--no-visualize", "--no-progress", "--device", "cpu"]
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_subprocess_env(), start_new_session=True
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), start_new_session=True
     )
     metrics = os.path.join(config.output_dir, "metrics.jsonl")
     deadline = time.monotonic() + 120

@@ -9,25 +9,13 @@ import pytest
 import torch
 from timm.optim import Lars
 from torch import nn
+from train_helpers import make_split_image_folder
 
 from mae_fast.models import create_model
 from mae_fast.train import finetune as finetune_module
 from mae_fast.train.finetune import FinetuneConfig, build_optimizer, evaluate_checkpoint, finetune
 
 TINY_ENCODER = dict(embed_dim=32, depth=2, num_heads=4)
-
-
-def _image_folder(root) -> str:
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 8), ("val", 3)):
-        for label in ("cat", "dog"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(0, 256, (20, 24, 3), generator=generator, dtype=torch.uint8).numpy()
-                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
-    return str(root)
 
 
 @pytest.fixture
@@ -49,7 +37,7 @@ def probe_config(tmp_path, name, pretrained_path, **overrides) -> FinetuneConfig
         progress=False,
     )  # fmt: skip
     if not os.path.isdir(tmp_path / "data"):
-        _image_folder(tmp_path / "data")
+        make_split_image_folder(tmp_path / "data", 8, 3, 20, 24)
     return FinetuneConfig.from_dict({**values, **overrides}).validate()
 
 

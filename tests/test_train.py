@@ -15,14 +15,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from train_helpers import TINY, tiny_config
+from train_helpers import TINY, subprocess_env, tiny_config
 
 from mae_fast.models import MaskedAutoencoderViT, create_model, load_checkpoint
 from mae_fast.train import NonFiniteLossError, TrainConfig, pretrain
 from mae_fast.train.checkpointing import latest_checkpoint, list_checkpoints, load_training_checkpoint
 from mae_fast.train.schedule import build_optimizer, lr_factor, param_groups
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def final_weights(result) -> dict:
@@ -192,12 +190,6 @@ def test_batch_not_divisible_by_world_size():
         TrainConfig(batch_size=8).micro_batch(3)
 
 
-def _subprocess_env():
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     config = tiny_config(tmp_path, epochs=10_000)
     args = [sys.executable, "-m", "mae_fast", "pretrain", "--data", "imagefolder", "--data-path", config.data_path]
@@ -205,7 +197,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     args += ["--blr", "1e-2", "--warmup-epochs", "1"]  # tiny_config's, so that the resume below continues this run
     args += ["--num-workers", "0", "--output-dir", config.output_dir, "--log-every", "1", "--no-visualize"]
     args += ["--no-progress", "--device", "cpu"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_subprocess_env())
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     metrics = os.path.join(config.output_dir, "metrics.jsonl")
     deadline = time.monotonic() + 120
     while not (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
@@ -242,7 +234,7 @@ KILL_SCRIPT = textwrap.dedent(
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     folder = str(tmp_path / "checkpoints")
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, folder], stdout=subprocess.PIPE, text=True, env=_subprocess_env()
+        [sys.executable, "-c", KILL_SCRIPT, folder], stdout=subprocess.PIPE, text=True, env=subprocess_env()
     )
     assert proc.stdout.readline().strip() == "writing"  # the step-2 file is being written
     proc.send_signal(signal.SIGKILL)
