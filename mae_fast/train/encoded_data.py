@@ -131,7 +131,19 @@ def _pillow_header(data: bytearray) -> tuple[int, int, bool]:
         raise UnidentifiedImageError(f"not an image format Pillow knows ({len(data)} bytes)") from None
 
 
-class EncodedImageDataset(Dataset):
+class _SampleDrawingDataset(Dataset):
+    """A source whose samples draw their crop box, flip and mask noise from (seed, epoch, index)."""
+
+    def __init__(self, source, num_patches: int, seed: int):
+        self.source = source
+        self.num_patches = num_patches
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+class EncodedImageDataset(_SampleDrawingDataset):
     """An ImageFolderSource as encoded training samples, indexed by (epoch, index) from ResumableSampler.
 
     Items are dicts: ``data`` uint8 [N] (the file's bytes), ``box`` (top, left, h, w) drawn from the header's
@@ -141,13 +153,7 @@ class EncodedImageDataset(Dataset):
     file replaced it, else empty).
     """
 
-    def __init__(self, source: ImageFolderSource, num_patches: int, seed: int):
-        self.source = source
-        self.num_patches = num_patches
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.source)
+    source: ImageFolderSource
 
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -353,7 +359,7 @@ class DecodedBatches:
             return self.decoder(batch)
 
 
-class PixelDataset(Dataset):
+class PixelDataset(_SampleDrawingDataset):
     """A source of decoded uint8 images (the embedded Fashion-MNIST subset) as training samples whose
     augmentation runs later, on the model's device; indexed by (epoch, index) from ResumableSampler.
 
@@ -362,14 +368,6 @@ class PixelDataset(Dataset):
     drawn from the image's size by :func:`draw_sample` (MAEDataset's draws, in its order), ``label`` and
     ``bad`` (MAEDataset's).
     """
-
-    def __init__(self, source, num_patches: int, seed: int):
-        self.source = source
-        self.num_patches = num_patches
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.source)
 
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
