@@ -34,6 +34,8 @@ def _torchrun(config: FinetuneConfig, *extra_args) -> subprocess.CompletedProces
                  "drop_path", "mixup", "cutmix", "reprob", "smoothing", "clip_grad", "num_workers", "eval_batch_size",
                  "log_every", "output_dir"):  # fmt: skip
         args += ["--" + flag.replace("_", "-"), str(getattr(config, flag))]
+    if config.model_ema:
+        args += ["--model-ema", "--model-ema-decay", str(config.model_ema_decay)]
     return run_torchrun([*args, "--device", "cpu", "--no-progress", *extra_args])
 
 
@@ -47,12 +49,15 @@ def _records(config: FinetuneConfig, key: str) -> list[float]:
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    single = finetune(_config(tmp_path, "single"))
-    config = _config(tmp_path, "ranks")
+    single = finetune(_config(tmp_path, "single", model_ema=True, model_ema_decay=0.5))
+    config = _config(tmp_path, "ranks", model_ema=True, model_ema_decay=0.5)
     proc = _torchrun(config)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("val top-1") == 1  # rank 0 reports, once
+    lines = proc.stdout.splitlines()  # rank 0 reports, once
+    assert sum(line.startswith("val top-1") for line in lines) == 1
+    assert sum(line.startswith("EMA weights: val top-1") for line in lines) == 1
     _assert_same_weights(single.export, os.path.join(config.output_dir, "finetuned.pth"), config)
+    _assert_same_weights(single.export_ema, os.path.join(config.output_dir, "finetuned_ema.pth"), config)
     assert _records(config, "loss") == pytest.approx(_records(_config(tmp_path, "single"), "loss"), abs=1e-5)
     # the ranks' validation shards add up to the whole split, scored as one process scores it
     ranks_acc = _records(config, "test_acc1")

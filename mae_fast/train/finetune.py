@@ -167,6 +167,8 @@ class FinetuneConfig:
     resume: str | None = None
     progress: bool = True
     linprobe: bool = False  # the release's linear probe: frozen encoder, BN + Linear head, LARS (LINPROBE)
+    model_ema: bool = False  # also keep timm's ModelEmaV3 of the weights: evaluated, checkpointed, exported
+    model_ema_decay: float = 0.9999
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -250,6 +252,11 @@ class FinetuneConfig:
             raise ValueError("output_dir must not be empty")
         if not isinstance(self.linprobe, bool):
             raise ValueError(f"linprobe must be True or False, got {self.linprobe!r}")
+        if not isinstance(self.model_ema, bool):
+            raise ValueError(f"model_ema must be True or False, got {self.model_ema!r}")
+        decay = self.model_ema_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"model_ema_decay must be a number in [0, 1), got {decay!r}")
         if self.linprobe:
             frozen_only = (("mixup", self.mixup, 0.0), ("cutmix", self.cutmix, 0.0), ("drop_path", self.drop_path, 0.0),
                            ("reprob", self.reprob, 0.0), ("aa", self.aa, None),
@@ -704,10 +711,13 @@ class FinetuneResult:
     step: int = 0
     epoch: int = 0
     history: list = field(default_factory=list)  # (epoch, acc1, acc5, loss)
+    ema_history: list = field(default_factory=list)  # the same of the EMA weights, with --model-ema
     skipped_steps: int = 0
     checkpoint: str | None = None
     export: str | None = None
     final: dict = field(default_factory=dict)
+    final_ema: dict = field(default_factory=dict)
+    export_ema: str | None = None  # finetuned_ema.pth, with --model-ema
     load_report: str | None = None
     interrupted: str | None = None  # the signal (SIGTERM / SIGINT) that stopped the run at a checkpoint
     is_main: bool = True  # False on the ranks after the first under torchrun (rank 0 reports)
@@ -784,6 +794,7 @@ def _train(
     trains wrapped in DDP; rank 0 writes the checkpoints (with every rank's random state), metrics and export."""
     optimizer = build_optimizer(model, config)
     mixup, criterion = _build_mixup(config, loaders.num_classes)
+    ema = _build_ema(model, config)
 
     ckpt_dir = os.path.join(config.output_dir, "checkpoints")
     steps_per_epoch = loaders.steps_per_epoch
@@ -801,6 +812,9 @@ def _train(
         scaler_state = state["scaler"]
         skipped = int(state["metrics"]["skipped_steps"])
         result.history = [tuple(item) for item in state["metrics"]["history"]]
+        if ema is not None:
+            ema.module.load_state_dict(state["model_ema"])
+            result.ema_history = [tuple(item) for item in state["metrics"]["ema_history"]]
         rngs = state.get("rngs") or [state["rng"]]
         checkpointing.set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
         step = int(state["step"])
@@ -853,6 +867,8 @@ def _train(
                     lr = config.peak_lr * lr_factor(step, warmup_steps, total_steps, min_ratio)
                     loss, _ = trainer.step(micro_batches, lr)
                     step += 1
+                    if ema is not None:
+                        ema.update(model, step=step)  # timm's: a copy at the first step, then the decay
                     if progress is not None:
                         progress.update(1)
                     if step % config.log_every == 0 or step == last_step:
@@ -865,24 +881,28 @@ def _train(
                             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                     epoch_end = step % steps_per_epoch == 0
                     if epoch_end:
-                        scores = evaluate(model, loaders.eval_loader, device, trainer.dtype, ctx=ctx)
-                        result.history.append((epoch, scores["acc1"], scores["acc5"], scores["loss"]))
-                        write({"epoch": epoch, "test_acc1": scores["acc1"], "test_acc5": scores["acc5"],
-                               "test_loss": scores["loss"]})  # fmt: skip
+                        record, line = {"epoch": epoch}, f"epoch {epoch}: loss {loss:.4f}"
+                        for network, history, prefix in ((model, result.history, ""),
+                                                         (ema and ema.module, result.ema_history, "ema_")):  # fmt: skip
+                            if network is None:
+                                continue
+                            scores = evaluate(network, loaders.eval_loader, device, trainer.dtype, ctx=ctx)
+                            history.append((epoch, scores["acc1"], scores["acc5"], scores["loss"]))
+                            record.update({f"{prefix}test_{key}": scores[key] for key in ("acc1", "acc5", "loss")})
+                            line += f" {prefix.replace('_', ' ').upper()}val top-1 {scores['acc1']:.4f}"
+                            line += f" top-5 {scores['acc5']:.4f}"
+                        write(record)
                         if progress is not None:
-                            progress.write(
-                                f"epoch {epoch}: loss {loss:.4f} val top-1 {scores['acc1']:.4f} "
-                                f"top-5 {scores['acc5']:.4f}"
-                            )
+                            progress.write(line)
                     periodic = config.ckpt_every and step % config.ckpt_every == 0
                     if periodic or (not config.ckpt_every and epoch_end) or step == last_step:
-                        result.checkpoint = _save(config, model, optimizer, trainer, step, steps_per_epoch, result)
+                        result.checkpoint = _save(config, model, ema, optimizer, trainer, step, steps_per_epoch, result)
                         saved_step = step
                     stopping = _stop_agreed(stop, ctx, device)
             if stopping and step < last_step:
                 result.interrupted = stop.signal_name or "SIGTERM"  # another rank's signal
                 if saved_step != step:
-                    result.checkpoint = _save(config, model, optimizer, trainer, step, steps_per_epoch, result)
+                    result.checkpoint = _save(config, model, ema, optimizer, trainer, step, steps_per_epoch, result)
         finally:
             if progress is not None:
                 progress.close()
@@ -893,15 +913,30 @@ def _train(
     if step == total_steps:
         result.final = evaluate(model, loaders.eval_loader, device, trainer.dtype, loaders.num_classes, ctx=ctx)
         result.export = os.path.join(config.output_dir, "finetuned.pth")
+        if ema is not None:
+            result.final_ema = evaluate(ema.module, loaders.eval_loader, device, trainer.dtype, ctx=ctx)
+            result.export_ema = os.path.join(config.output_dir, "finetuned_ema.pth")
         if ctx.is_main:
-            checkpointing.atomic_save(
-                {"model": _cpu_state(model), "classifier": model.config(), "args": config.to_dict(),
-                 "classes": loaders.classes},
-                result.export,
-            )  # fmt: skip
+            for weights, path in ((model, result.export), (ema and ema.module, result.export_ema)):
+                if path is not None:
+                    checkpointing.atomic_save(
+                        {"model": _cpu_state(weights), "classifier": model.config(), "args": config.to_dict(),
+                         "classes": loaders.classes},
+                        path,
+                    )  # fmt: skip
             _save_pictures(config.output_dir, result, loaders.classes)
         distributed.barrier(ctx)
     return result
+
+
+def _build_ema(model: nn.Module, config: FinetuneConfig):
+    """timm's ModelEmaV3 of ``model`` (parameters and buffers, on its device and dtype), or None without
+    --model-ema. Built before the DDP wrap: every rank keeps the same average of the same weights."""
+    if not config.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=config.model_ema_decay)
 
 
 def _stop_agreed(stop: StopFlag, ctx: distributed.DistContext, device: torch.device) -> bool:
@@ -916,7 +951,7 @@ def _cpu_state(model: nn.Module) -> dict:
     return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
 
 
-def _save(config, model, optimizer, trainer, step, steps_per_epoch, result) -> str:
+def _save(config, model, ema, optimizer, trainer, step, steps_per_epoch, result) -> str:
     """Rank 0 writes the checkpoint of ``step`` (every rank's random state in "rngs"); collective under torchrun.
     Returns its path (on every rank)."""
     epoch, done = divmod(step, steps_per_epoch)
@@ -935,10 +970,13 @@ def _save(config, model, optimizer, trainer, step, steps_per_epoch, result) -> s
         "micro_batch": done * config.accum_steps,
         "rng": rngs[0],
         "rngs": rngs,
-        "metrics": {"skipped_steps": trainer.skipped_steps, "history": [list(h) for h in result.history]},
+        "metrics": {"skipped_steps": trainer.skipped_steps, "history": [list(h) for h in result.history],
+                    "ema_history": [list(h) for h in result.ema_history]},
         "config": config.to_dict(),
         "classifier": model.config(),
-    }
+    }  # fmt: skip
+    if ema is not None:
+        state["model_ema"] = _cpu_state(ema.module)
     checkpointing.save_checkpoint(state, os.path.join(config.output_dir, "checkpoints"), config.keep_last)
     distributed.barrier(trainer.ctx)
     return path
@@ -1024,7 +1062,7 @@ _FLAGS = (
     "warmup_epochs", "batch_size", "accum_steps", "blr", "lr", "min_lr", "weight_decay", "layer_decay", "drop_path",
     "clip_grad", "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob", "mixup_mode", "smoothing",
     "aa", "reprob", "remode", "recount", "precision", "seed", "device", "num_workers", "eval_batch_size",
-    "output_dir", "log_every", "ckpt_every", "keep_last", "resume",
+    "output_dir", "log_every", "ckpt_every", "keep_last", "resume", "model_ema_decay",
 )  # fmt: skip
 
 
@@ -1063,6 +1101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="auto, cpu or cuda")
     parser.add_argument("--output-dir", default=None, help=f"default: {d.output_dir} (demo: {DEMO_OUTPUT_DIR})")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, help="a checkpoint, or the newest one")
+    parser.add_argument("--model-ema", action="store_true",
+                        help="also keep an EMA of the weights (timm's ModelEmaV3): evaluated, saved, exported")
+    parser.add_argument("--model-ema-decay", type=float, default=None, help=f"default: {d.model_ema_decay}")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -1076,6 +1117,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         values["progress"] = False
     if args.linprobe:
         values["linprobe"] = True
+    if args.model_ema:
+        values["model_ema"] = True
     values["pretrained"] = args.pretrained
     return FinetuneConfig.from_dict(values).validate()
 
@@ -1108,6 +1151,10 @@ def run(args: argparse.Namespace) -> int:
         final = result.final
         print(f"val top-1 {final['acc1']:.4f}  top-5 {final['acc5']:.4f}  loss {final['loss']:.4f}")
         print(f"fine-tuned (timm VisionTransformer layout): {result.export}")
+        if result.final_ema:
+            ema = result.final_ema
+            print(f"EMA weights: val top-1 {ema['acc1']:.4f}  top-5 {ema['acc5']:.4f}  loss {ema['loss']:.4f} "
+                  f"({result.export_ema})")  # fmt: skip
     else:
         print(f"stopped at step {result.step}; continue with --resume ({result.checkpoint})")
     print(f"skipped steps (non-finite): {result.skipped_steps}; metrics: {config.output_dir}/metrics.jsonl")
