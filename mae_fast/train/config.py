@@ -20,6 +20,18 @@ DATA_CHANNELS = {"fashion-mnist": 1, "synthetic": 3, "imagefolder": 3}  # imagef
 FASHION_MNIST_SIZE = 28
 
 
+def split_global_batch(batch_size: int, accum_steps: int, world_size: int) -> int:
+    """Images per rank per forward: the global ``batch_size`` split over ``accum_steps`` micro-batches and
+    ``world_size`` processes (pretraining's and fine-tuning's); ValueError when it does not split evenly."""
+    if batch_size % (accum_steps * world_size):
+        raise ValueError(
+            f"batch_size={batch_size} must be a multiple of accum_steps x processes = {accum_steps} x {world_size}"
+            f" (batch_size / accum_steps = {batch_size / accum_steps:g} must be divisible by the world size"
+            f" {world_size})"
+        )
+    return batch_size // (accum_steps * world_size)
+
+
 @dataclass
 class TrainConfig:
     """A pretraining run. ``batch_size`` is the GLOBAL batch per optimizer step (all ranks, all
@@ -199,10 +211,7 @@ class TrainConfig:
 
     def micro_batch(self, world_size: int) -> int:
         """Images per rank per forward pass; raises ValueError when the global batch does not split."""
-        per_step = self.batch_size // self.accum_steps
-        if per_step % world_size:
-            raise ValueError(f"batch_size / accum_steps = {per_step} must be divisible by the world size {world_size}")
-        return per_step // world_size
+        return split_global_batch(self.batch_size, self.accum_steps, world_size)
 
     def base_lr(self) -> float:
         """The peak learning rate: ``lr`` or ``blr * batch_size / 256``."""

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from mae_fast.interop._common import count_blocks, state_dict_from
 from mae_fast.models.classifier import ENCODERS, VisionTransformerClassifier, encoder_state_dict, load_pretrained
 from mae_fast.train import checkpointing, data, distributed
+from mae_fast.train.config import split_global_batch
 from mae_fast.train.loop import StopFlag
 from mae_fast.train.schedule import lr_factor
 
@@ -548,7 +549,7 @@ def build_data(
     train_fn, eval_fn = build_transforms(config, size, train_source.mean, train_source.std)
     train_set = SeededTransformDataset(train_source, train_fn, config.seed, num_classes)
     eval_set = SeededTransformDataset(eval_source, eval_fn, config.seed, num_classes)
-    micro = micro_batch(config, ctx.world_size)
+    micro = split_global_batch(config.batch_size, config.accum_steps, ctx.world_size)
     sampler = data.ResumableSampler(train_set, ctx.world_size, ctx.rank, config.seed)
     steps = sampler.num_samples // micro // config.accum_steps
     if steps < 1 and training:
@@ -567,16 +568,6 @@ def build_data(
     )  # fmt: skip
     return FinetuneData(train_loader, sampler, eval_loader, steps, num_classes, train_source.in_chans,
                         list(train_source.classes), len(train_set))  # fmt: skip
-
-
-def micro_batch(config: FinetuneConfig, world_size: int) -> int:
-    """Images per rank per forward: the global ``batch_size`` split over accumulation steps and ranks."""
-    if config.batch_size % (config.accum_steps * world_size):
-        raise ValueError(
-            f"batch_size={config.batch_size} must be a multiple of accum_steps x processes = "
-            f"{config.accum_steps} x {world_size}"
-        )
-    return config.batch_size // (config.accum_steps * world_size)
 
 
 def _data_view(config: FinetuneConfig):
@@ -832,7 +823,7 @@ def _train(
         trainer.scaler.load_state_dict(scaler_state)
     trainer.skipped_steps = skipped
     metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
-    micro = micro_batch(config, ctx.world_size)
+    micro = split_global_batch(config.batch_size, config.accum_steps, ctx.world_size)
     last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
     progress = None
     if config.progress and ctx.is_main:
