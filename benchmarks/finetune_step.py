@@ -71,11 +71,6 @@ def _compile_choices(text: str) -> tuple[str, ...]:
     return names
 
 
-def _synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @harness.restores_torch_threads
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -115,7 +110,7 @@ def main(argv=None) -> int:
         try:
             for _ in range(WARMUP_STEPS):
                 _step(model, optimizer, imgs, labels, dtype)
-            _synchronize(device)
+            harness.synchronize(device)
         except Exception as error:  # noqa: BLE001 - reported, and the other providers still run
             failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             continue
@@ -125,12 +120,12 @@ def main(argv=None) -> int:
     peak = {name: 0.0 for name in providers} if device.type == "cuda" else None
     for _ in range(args.steps):
         for name, (model, optimizer) in providers.items():
-            _synchronize(device)
+            harness.synchronize(device)
             if peak is not None:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             _step(model, optimizer, imgs, labels, dtype)
-            _synchronize(device)
+            harness.synchronize(device)
             times[name].append(time.perf_counter() - start)
             if peak is not None:
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated() / 2**20)

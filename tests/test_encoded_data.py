@@ -309,7 +309,7 @@ def test_only_image_folders_take_the_bytes_pipeline(tmp_path):
         encoded_data.build_encoded_train_data(_config(tmp_path, tmp_path, data="synthetic"), 16, 16, 1, 0, "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_prefetcher_equals_the_cpu_decode(tmp_path):
     root = tmp_path / "images"
     readable, unreadable = _bad_input_folder(str(root))
@@ -324,7 +324,7 @@ def test_cuda_prefetcher_equals_the_cpu_decode(tmp_path):
         assert ((a["imgs"] - b["imgs"].cpu()) * std).abs().max() < 6 / 255  # nvJPEG vs libjpeg IDCT
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_fashion_mnist_pixels_equal_the_cpu_augmentation(tmp_path):
     config = quick_run_config(tmp_path / "run", batch_size=16, seed=2)
     cpu = encoded_data.build_encoded_train_data(config, 28, 49, 1, 0, "cpu")

@@ -193,6 +193,7 @@ def test_no_data_worker_outlives_a_run_even_one_that_raises(tmp_path, monkeypatc
     try:
         pretrain(config)
         assert set(multiprocessing.active_children()) == before
+
         def disk_full(*args):
             raise OSError("disk full")
 
