@@ -1,7 +1,7 @@
 """The fine-tuning step: mae_fast's classifier against timm's VisionTransformer with the same weights.
 
 ``python -m benchmarks.finetune_step [--size vit_b|demo] [--batch N] [--steps N] [--threads 2]
-[--compile timm,mae_fast]``
+[--compile timm,mae_fast] [--out DIR]``
 
 All run forward + backward + AdamW over the release's layer-decay groups on all tokens (197 at 224 px for
 ViT-B/16) with drop path on (0.1), on the same images and labels: mae_fast's ``VisionTransformerClassifier``
@@ -16,16 +16,21 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over each provider's ti
 each, the weights, gradients and AdamW state included). On the CPU it is not measured: torch's CPU allocator
 keeps no peak statistic, tracemalloc does not see its allocations, and the process's peak RSS is one number
 for all providers. On the CPU these are CPU numbers and say nothing about a GPU. A provider whose warm-up
-fails (e.g. a compile error) is reported with the error and left out of the timing.
+fails (e.g. a compile error) is reported with the error and left out of the timing. The report (printed as
+one JSON line, and written to ``DIR/finetune_step_<device>_<size>_<date>.json`` with ``--out``) carries the
+command and the run's environment (versions, commit, threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--compile", type=_compile_choices, default=(), help="also torch.compile these: timm, mae_fast or both"
     )
+    parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON into this folder")
     args = parser.parse_args(argv)
     if args.steps < 1 or (args.batch is not None and args.batch < 1) or (args.threads is not None and args.threads < 1):
         parser.error("--steps, --batch and --threads must be >= 1")
@@ -141,6 +147,8 @@ def main(argv=None) -> int:
         "peak_memory": "torch.cuda.max_memory_allocated over the timed steps" if peak is not None
         else "unmeasured on the CPU (no peak statistic for torch's CPU allocator)",
         "failed": failed,
+        "command": "python -m benchmarks.finetune_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "environment": {**harness.environment(device, smoke=False), "threads": torch.get_num_threads()},
     }  # fmt: skip
     for name, seconds in median.items():
         ratio = f"{report['vs_timm'][name]:5.2f}x timm" if report["vs_timm"] else "timm failed"
@@ -150,6 +158,12 @@ def main(argv=None) -> int:
     for name, reason in failed.items():
         print(f"{name:18s} FAILED in warm-up: {reason}")
     print(json.dumps(report))
+    if args.out is not None:
+        slug = harness.device_slug(report["environment"])
+        path = args.out / f"finetune_step_{slug}_{args.size}_{datetime.date.today().isoformat()}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+        print(f"wrote {path}")
     return 1 if failed else 0
 
 

@@ -24,6 +24,19 @@ def test_eager_providers_side_by_side(capsys):
     assert set(report["warmup_s"]) == {"mae_fast", "timm"}
 
 
+def test_the_report_carries_its_environment_and_goes_to_out(capsys, tmp_path):
+    argv = ["--size", "demo", "--batch", "2", "--steps", "1", "--threads", "1", "--out", str(tmp_path)]
+    assert finetune_step.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    (path,) = tmp_path.glob("finetune_step_cpu_demo_*.json")
+    printed = json.loads(lines[-2])
+    assert lines[-1] == f"wrote {path}"
+    written = json.loads(path.read_text())
+    assert written == printed and written["command"].endswith("--out " + str(tmp_path))
+    environment = written["environment"]
+    assert environment["threads"] == 1 and environment["torch"] == torch.__version__ and not environment["claims"]
+
+
 def test_compiled_variants_run_the_compiled_callable_and_a_failing_one_is_reported(capsys, monkeypatch):
     compiled = []
 
