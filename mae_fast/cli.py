@@ -44,7 +44,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(selected_command(argv)).parse_args(argv)
-    return importlib.import_module(args.module_name).run(args)
+    code = importlib.import_module(args.module_name).run(args)
+    distributed = sys.modules.get("mae_fast.train.distributed")  # imported only by a subcommand that trains
+    if distributed is not None:
+        distributed.exit_if_a_group_outlived(code)
+    return code
 
 
 if __name__ == "__main__":
