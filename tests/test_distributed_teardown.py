@@ -4,7 +4,7 @@ exit_if_a_group_outlived with its exit code and its output intact."""
 import subprocess
 import sys
 
-from train_helpers import REPO, subprocess_env
+from train_helpers import run_torchrun, subprocess_env
 
 DDP_RUN = """
 import weakref
@@ -45,8 +45,7 @@ def test_teardown_frees_the_ddp_group(tmp_path):
     """DDP's reducer holds the group in a reference cycle: teardown must free it before destroying the group."""
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_RUN)
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=REPO)
+    proc = run_torchrun([], program=(str(script),))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("group alive after teardown: False") == 2, proc.stdout
 

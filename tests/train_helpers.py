@@ -82,13 +82,13 @@ def tiny_config(tmp_path, name="run", **overrides) -> TrainConfig:
     return quick_run_config(tmp_path / name, **{**values, **overrides})
 
 
-def run_torchrun(cli_args: list[str]) -> subprocess.CompletedProcess:
-    """``python -m mae_fast CLI_ARGS`` under torchrun with 2 CPU processes (one thread each, never the Triton
-    interpreter)."""
+def run_torchrun(cli_args: list[str], program: tuple[str, ...] = ("-m", "mae_fast")) -> subprocess.CompletedProcess:
+    """``python PROGRAM CLI_ARGS`` (by default the mae_fast CLI) under torchrun with 2 CPU processes (one
+    thread each, never the Triton interpreter)."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([*args, "-m", "mae_fast", *cli_args], capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([*args, *program, *cli_args], capture_output=True, text=True, timeout=600, env=env)
 
 
 def assert_same_weights(path_a, path_b, atol: float, key_bias_bound: float) -> None:
