@@ -16,8 +16,9 @@ Three pipelines run on the same samples, one worker's work in this process (``--
 * ``bytes_all_cpu``: the same plus BatchDecoder on the CPU: one decode_jpeg call for the batch and
   mae_fast.ops.resized_crop (224, flip, ImageNet mean / std, float32) on the CPU.
 
-Rounds are interleaved (one round of each pipeline in turn) so that load from other processes on a shared
-machine hits all three alike; the medians over rounds are reported. ``cpu_ms_per_image`` is the process's
+Rounds are interleaved (one round of each pipeline in turn, the order changing every round:
+``harness.balanced_rounds``) so that load from other processes on a shared machine hits all three alike;
+the medians over rounds are reported. ``cpu_ms_per_image`` is the process's
 CPU time per image, ``wall_ms_per_image`` its wall time and ``img_per_s_per_worker`` 1000 / wall ms.
 These are CPU numbers, measured on the machine named in the JSON's environment.
 
@@ -147,9 +148,9 @@ def measure(rounds: int, batch: int) -> tuple[list[dict], dict]:
         for run in pipelines.values():  # warm-up: file cache, first-call set-up
             run()
         samples = {name: [] for name in pipelines}
-        for _ in range(rounds):
-            for name, run in pipelines.items():
-                samples[name].append(_timed(run))
+        for order in harness.balanced_rounds(list(pipelines), rounds):
+            for name in order:
+                samples[name].append(_timed(pipelines[name]))
     rows = []
     for name, timings in samples.items():
         cpu_ms = statistics.median(t[0] for t in timings) * 1000 / batch

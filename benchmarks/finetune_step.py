@@ -10,7 +10,8 @@ loaded from it. ``--compile`` adds torch.compile of timm's model (``timm_compile
 would run instead of mae_fast) and / or of mae_fast's classifier (``mae_fast_compiled``: whether compiling
 helps mae_fast's own kernels), each from the same weights. Every provider takes 2 warm-up steps first (their
 time, compilation included, is ``warmup_s``); then the timed steps are interleaved so a change in the
-machine's load hits all alike, and the median per provider is printed with its ratio to eager timm.
+machine's load hits all alike, in an order that changes every round (``harness.balanced_rounds``), and the
+median per provider is printed with its ratio to eager timm.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over each provider's timed steps (reset before
 each, the weights, gradients and AdamW state included). On the CPU it is not measured: torch's CPU allocator
@@ -124,8 +125,9 @@ def main(argv=None) -> int:
         providers[name] = (model, optimizer)
     times = {name: [] for name in providers}
     peak = {name: 0.0 for name in providers} if device.type == "cuda" else None
-    for _ in range(args.steps):
-        for name, (model, optimizer) in providers.items():
+    for order in harness.balanced_rounds(list(providers), args.steps):
+        for name in order:
+            model, optimizer = providers[name]
             harness.synchronize(device)
             if peak is not None:
                 torch.cuda.reset_peak_memory_stats()

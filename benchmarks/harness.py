@@ -77,6 +77,29 @@ def restores_torch_threads(main: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
+def balanced_rounds(names: list[str], rounds: int) -> list[list[str]]:
+    """``rounds`` orders of ``names`` from a balanced Latin square (Williams' design), repeated as needed.
+
+    Over one cycle (len(names) rounds, twice that for an odd count) every provider runs equally often in
+    every position and right after every other provider equally often, so neither a fixed position nor a
+    fixed predecessor favours anyone."""
+    n = len(names)
+    if n == 0:
+        return [[] for _ in range(rounds)]
+    first, low, high = [0], 1, n - 1
+    for j in range(1, n):
+        if j % 2:
+            first.append(low)
+            low += 1
+        else:
+            first.append(high)
+            high -= 1
+    cycle = [[(k + i) % n for k in first] for i in range(n)]
+    if n % 2:
+        cycle += [row[::-1] for row in cycle]
+    return [[names[k] for k in cycle[r % len(cycle)]] for r in range(rounds)]
+
+
 def error_message(error: Exception) -> str:
     """First line of an exception, with its type, for a row's reason."""
     text = str(error).strip()

@@ -332,6 +332,31 @@ def test_gpu_smoke_run(tmp_path):
     assert train and all(r["peak_mem_gb"] > 0 and 0 < r["pct_of_matmul"] < 100 for r in train)
 
 
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 6])
+def test_interleaved_orders_balance_positions_and_predecessors(count):
+    """Over one cycle every provider runs equally often in each position and right after each other one."""
+    from collections import Counter
+
+    from benchmarks.harness import balanced_rounds
+
+    names = [f"p{i}" for i in range(count)]
+    cycle = count if count % 2 == 0 else 2 * count
+    rounds = balanced_rounds(names, 2 * cycle)
+    assert all(sorted(order) == names for order in rounds)
+    assert rounds[cycle:] == rounds[:cycle]
+    positions = Counter((position, name) for order in rounds[:cycle] for position, name in enumerate(order))
+    assert set(positions.values()) == {cycle // count} and len(positions) == count * count
+    pairs = Counter((a, b) for order in rounds[:cycle] for a, b in zip(order, order[1:], strict=False))
+    assert len(pairs) == count * (count - 1) and len(set(pairs.values())) == 1
+
+
+def test_interleaved_orders_of_one_or_no_provider():
+    from benchmarks.harness import balanced_rounds
+
+    assert balanced_rounds(["only"], 3) == [["only"]] * 3
+    assert balanced_rounds([], 2) == [[], []]
+
+
 def test_cpu_step_benchmark_checks_losses_and_writes_ratios(tmp_path, monkeypatch):
     """benchmarks/cpu_step.py on a tiny size: every provider's first loss agrees, then rows with ratios."""
     from benchmarks import cpu_step
