@@ -7,6 +7,7 @@ import sys
 from train_helpers import run_torchrun, subprocess_env
 
 DDP_RUN = """
+import os
 import weakref
 
 import torch
@@ -22,7 +23,8 @@ model(torch.randn(3, 4)).sum().backward()
 distributed.barrier(ctx)
 del model
 distributed.teardown(ctx)
-print("group alive after teardown:", group_ref() is not None)
+# one write of a whole line: the two ranks share the pipe, and print writes its pieces one by one
+os.write(1, f"group alive after teardown: {group_ref() is not None}\\n".encode())
 """
 
 LINGERING_GROUP = """
