@@ -40,7 +40,8 @@ def resolved():
 
 @pytest.mark.parametrize("backend", ["cuda", "auto"])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["fixed_ratio", "per_sample_ratios"])
-def test_forward_on_fake_cuda_tensors_resolves_every_op_to_cuda(resolved, backend, per_sample):
+@pytest.mark.parametrize("return_pred", [True, False], ids=["with_pred", "training_loss_only"])
+def test_forward_on_fake_cuda_tensors_resolves_every_op_to_cuda(resolved, backend, per_sample, return_pred):
     assert _extension.available(), _extension.unavailable_reason()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -52,8 +53,8 @@ def test_forward_on_fake_cuda_tensors_resolves_every_op_to_cuda(resolved, backen
     ratio = torch.tensor([0.5, 0.75, 0.6, 0.9]) if per_sample else 0.75  # read on the host, as on a GPU
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
         imgs = torch.randn(4, 3, 32, 32, dtype=torch.bfloat16)
-        loss, pred, mask = model(imgs, ratio)
-    assert loss.shape == () and pred.shape == (4, 64, 48)
+        loss, pred, mask = model(imgs, ratio, return_pred=return_pred)
+    assert loss.shape == () and (pred.shape == (4, 64, 48) if return_pred else pred is None)
     ops = {op for op, _ in resolved}
     assert {"patch_embed_gather", "qkv_attention", "unshuffle_mask_tokens", "masked_mse_loss"} <= ops
     assert "random_masking" in ops or per_sample

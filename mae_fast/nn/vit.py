@@ -16,7 +16,8 @@ class Attention(nn.Module):
     Drop-in for timm's ``Attention`` (same parameter names and shapes). Besides [B, N, D] it accepts
     packed tokens [T, D] with int32 ``cu_seqlens`` [S+1] (and the longest length ``max_seqlen``, a Python
     int) for sequences of different lengths. The qkv output goes to the attention op as it is and the
-    op returns [.., D] for ``proj``: no transpose or copy around the kernel.
+    op returns [.., D] for ``proj``: no transpose or copy around the kernel. ``rows`` (int64 indices into the
+    tokens flattened to [B*N, D] or [T, D]) makes ``proj`` run on those tokens only and the output [len(rows), D].
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, backend: str | None = None):
@@ -31,9 +32,15 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None
+        self,
+        x: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         out = qkv_attention(self.qkv(x), self.num_heads, cu_seqlens, max_seqlen, self.scale, backend=self.backend)
+        if rows is not None:
+            out = out.reshape(-1, out.shape[-1]).index_select(0, rows)
         return self.proj(out)
 
 
@@ -57,6 +64,10 @@ class Block(nn.Module):
 
     x is [B, N, D], or packed [T, D] with int32 ``cu_seqlens`` [S+1] and ``max_seqlen`` (see Attention).
     Packed tokens have no sample dim, so training with ``drop_path > 0`` needs [B, N, D] input.
+    ``rows`` (int64 indices into the tokens flattened to [B*N, D] or [T, D]) returns those tokens' outputs
+    only, [len(rows), D]: every token still feeds the attention's keys and values, but the output projection,
+    the residuals and the MLP run on the chosen rows alone (the MAE decoder's last block, whose other
+    outputs the loss never reads).
     """
 
     def __init__(
@@ -81,14 +92,22 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None
+        self,
+        x: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.training and self.drop_path and x.ndim == 2:
+        if self.training and self.drop_path and (x.ndim == 2 or rows is not None):
+            what = "packed [T, D] tokens" if rows is None else "the rows= selection"
             raise ValueError(
-                f"drop_path={self.drop_path} in training needs [B, N, D] input; packed [T, D] tokens have no "
+                f"drop_path={self.drop_path} in training needs [B, N, D] input and output; {what} has no "
                 "sample dim to drop per sample (use drop_path=0 or call eval())"
             )
-        x = x + self.drop_path1(self.attn(self.norm1(x), cu_seqlens, max_seqlen))
+        attended = self.attn(self.norm1(x), cu_seqlens, max_seqlen, rows)
+        if rows is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        x = x + self.drop_path1(attended)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 

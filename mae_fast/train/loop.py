@@ -268,7 +268,7 @@ def _run(
                         sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
                         with sync:
                             with autocast:
-                                loss, _, _ = step_model(imgs, config.mask_ratio, noise)
+                                loss, _, _ = step_model(imgs, config.mask_ratio, noise, return_pred=False)
                             scaled = loss / config.accum_steps
                             (scaler.scale(scaled) if scaler is not None else scaled).backward()
                         step_loss += loss.detach().float()
