@@ -16,7 +16,7 @@ from torch import nn
 
 from mae_fast import dispatch
 from mae_fast.models.pos_embed import resize_pos_embed, sincos_pos_embed
-from mae_fast.nn import Block, PatchEmbedGather
+from mae_fast.nn import Block, Linear, PatchEmbedGather
 from mae_fast.ops import _validate
 
 _DECODER_PREFIXES = ("decoder_", "mask_token")
@@ -100,7 +100,7 @@ class VisionTransformerClassifier(nn.Module):
         else:
             self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
             self.fc_norm = nn.Identity()
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head = Linear(embed_dim, num_classes, backend=backend)
         self._initialize_weights()
 
     def _initialize_weights(self) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mae_fast import dispatch, ops, reference
-from mae_fast.nn import Block, MaskedReconstructionLoss, PatchEmbedGather
+from mae_fast.nn import Block, Linear, MaskedReconstructionLoss, PatchEmbedGather
 from mae_fast.ops import _validate
 
 
@@ -107,7 +107,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
 
         # decoder
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.decoder_embed = Linear(embed_dim, decoder_embed_dim, backend=backend)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(
             torch.zeros(1, self.num_patches + 1, decoder_embed_dim), requires_grad=False
@@ -119,7 +119,7 @@ class MaskedAutoencoderViT(nn.Module):
             ]
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=eps)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
+        self.decoder_pred = Linear(decoder_embed_dim, patch_size * patch_size * in_chans, backend=backend)
         self.loss_fn = MaskedReconstructionLoss(patch_size, norm_pix=norm_pix_loss, backend=backend)
 
         self.initialize_weights()

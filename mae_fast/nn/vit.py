@@ -7,6 +7,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from mae_fast import ops
+from mae_fast.nn.linear import Linear
 from mae_fast.ops.attention import qkv_attention
 
 
@@ -27,8 +28,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias, backend=backend)
+        self.proj = Linear(dim, dim, backend=backend)
         self.backend = backend
 
     def forward(
@@ -47,11 +48,11 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """fc1 (D -> hidden), exact (erf) GELU, fc2 (hidden -> D)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, backend: str | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim, backend=backend)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -88,7 +89,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=backend)
         self.drop_path1 = DropPath(drop_path) if drop_path else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), backend=backend)
         self.drop_path2 = DropPath(drop_path) if drop_path else nn.Identity()
 
     def forward(
