@@ -4,10 +4,12 @@
 
 Each provider runs forward + backward + AdamW on the same weights, images and mask noise, each with its own
 library's training setup: mae_fast as ``mae-fast pretrain`` runs it (backend "auto", which is the "torch"
-backend on CPU tensors, and its optimizer: torch's fused AdamW over the release's two parameter groups),
-the peers with torch's default AdamW (foreach) over the same groups, as the release's script and
-transformers' Trainer build it; "mae_fast_default_adamw" is mae_fast with the peers' optimizer, so that the
-model's own share of the difference shows. The release's model
+backend on CPU tensors; ``return_pred=False``, so the decoder's tail runs on the removed patches only; the
+Linear GEMMs on the library mae_fast.cpu_gemm picks for this CPU; and its optimizer: torch's fused AdamW over
+the release's two parameter groups), the peers with torch's default AdamW (foreach) over the same groups, as
+the release's script and transformers' Trainer build it. Two more mae_fast rows take one thing away each, so
+that each share of the difference shows: "mae_fast_default_adamw" has the peers' optimizer,
+"mae_fast_torch_gemm" torch's own GEMM (MKL) for every product, as the peers have. The release's model
 (benchmarks/reference_mae.py: timm-style blocks with F.scaled_dot_product_attention, a conv over every
 patch, argsort masking) and transformers' ViTMAEForPreTraining with SDPA attention. Steps are interleaved
 (one step of each provider in turn) so that a change in the machine's load hits all of them alike, in an
@@ -21,6 +23,7 @@ on the machine named in the JSON's environment: they say nothing about a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -33,6 +36,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.reference_mae import ReferenceMAE
+from mae_fast import cpu_gemm
 from mae_fast.models import create_model
 from mae_fast.train.schedule import build_optimizer, param_groups
 
@@ -59,8 +63,9 @@ PEERS = ("release", "transformers")
 
 
 def _step(
-    model: torch.nn.Module, forward: Callable[[], torch.Tensor], fused: bool
+    model: torch.nn.Module, forward: Callable[[], torch.Tensor], fused: bool, gemm: str | None = None
 ) -> Callable[[], tuple[float, float]]:
+    """One timed training step; ``gemm`` forces mae_fast's Linear GEMMs onto "torch" or "onednn"."""
     if fused:
         optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
     else:
@@ -70,8 +75,9 @@ def _step(
         """(seconds, loss) of one training step."""
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = forward()
-        loss.backward()
+        with cpu_gemm.using(gemm) if gemm else contextlib.nullcontext():
+            loss = forward()
+            loss.backward()
         optimizer.step()
         return time.perf_counter() - start, loss.item()
 
@@ -87,14 +93,21 @@ def providers(size: str, with_compile: bool, seed: int = 0) -> dict[str, Callabl
     model = create_model(spec["name"], **spec["overrides"])
     imgs = torch.randn(spec["batch"], model.in_chans, *model.img_size)
     noise = torch.rand(spec["batch"], model.num_patches)
-    same = create_model(spec["name"], **spec["overrides"])  # mae_fast with the peers' optimizer, for the fwd + bwd
+    same = create_model(spec["name"], **spec["overrides"])  # mae_fast with the peers' optimizer
     same.load_state_dict(model.state_dict())
+    torch_gemm = create_model(spec["name"], **spec["overrides"])  # mae_fast with the peers' GEMM
+    torch_gemm.load_state_dict(model.state_dict())
     release = ReferenceMAE.like(model)
     transformers = to_transformers(model)
     transformers.config._attn_implementation = "sdpa"
+
+    def mae_fast_loss(net):
+        return lambda: net(imgs, 0.75, noise=noise, return_pred=False)[0]
+
     steps = {
-        "mae_fast": _step(model, lambda: model(imgs, 0.75, noise=noise)[0], fused=True),
-        "mae_fast_default_adamw": _step(same, lambda: same(imgs, 0.75, noise=noise)[0], fused=False),
+        "mae_fast": _step(model, mae_fast_loss(model), fused=True),
+        "mae_fast_default_adamw": _step(same, mae_fast_loss(same), fused=False),
+        "mae_fast_torch_gemm": _step(torch_gemm, mae_fast_loss(torch_gemm), fused=True, gemm="torch"),
         "release": _step(release, lambda: release(imgs, 0.75, noise=noise)[0], fused=False),
         "transformers": _step(transformers, lambda: transformers(pixel_values=imgs, noise=noise).loss, fused=False),
     }
@@ -102,7 +115,7 @@ def providers(size: str, with_compile: bool, seed: int = 0) -> dict[str, Callabl
         fast = create_model(spec["name"], **spec["overrides"])
         fast.load_state_dict(model.state_dict())
         compiled = torch.compile(fast)
-        steps["mae_fast_compiled"] = _step(fast, lambda: compiled(imgs, 0.75, noise=noise)[0], fused=True)
+        steps["mae_fast_compiled"] = _step(fast, mae_fast_loss(compiled), fused=True)
         peer = ReferenceMAE.like(model)
         compiled_peer = torch.compile(peer)
         steps["release_compiled"] = _step(peer, lambda: compiled_peer(imgs, 0.75, noise=noise)[0], fused=False)
@@ -161,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes from {', '.join(SIZES)} (unknown: {unknown}); --steps, --threads >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
     env = harness.environment(torch.device("cpu"), smoke=False)
-    env.update(threads=args.threads, order="balanced Latin square", note="CPU numbers: nothing here is a GPU claim")
+    env.update(
+        threads=args.threads,
+        order="balanced Latin square",
+        cpu_gemm=cpu_gemm.describe(),
+        note="CPU numbers: nothing here is a GPU claim",
+    )
     rows = []
     for size in sizes:
         rows += measure(size, args.steps, args.warmup, args.compile)

@@ -5,8 +5,10 @@
 
 All run forward + backward + AdamW over the release's layer-decay groups on all tokens (197 at 224 px for
 ViT-B/16) with drop path on (0.1), on the same images and labels: mae_fast's ``VisionTransformerClassifier``
-(its patch embedding and fused attention; backend "auto") and timm's model (``F.scaled_dot_product_attention``)
-loaded from it. ``--compile`` adds torch.compile of timm's model (``timm_compiled``: what a user after speed
+(its patch embedding and fused attention; backend "auto"; on the CPU its Linear GEMMs on the library
+mae_fast.cpu_gemm picks) and timm's model (``F.scaled_dot_product_attention``) loaded from it; on the CPU also
+``mae_fast_torch_gemm``, mae_fast with torch's own GEMM (MKL) for every product, as timm has, so that the
+GEMM library's share shows. ``--compile`` adds torch.compile of timm's model (``timm_compiled``: what a user after speed
 would run instead of mae_fast) and / or of mae_fast's classifier (``mae_fast_compiled``: whether compiling
 helps mae_fast's own kernels), each from the same weights. Every provider takes 2 warm-up steps first (their
 time, compilation included, is ``warmup_s``); then the timed steps are interleaved so a change in the
@@ -25,6 +27,7 @@ command and the run's environment (versions, commit, threads).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -37,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
+from mae_fast import cpu_gemm
 from mae_fast.models.classifier import create_classifier, to_timm_vit
 from mae_fast.train.finetune import param_groups_layer_decay
 
@@ -57,11 +61,13 @@ def _optimizer(model):
     return torch.optim.AdamW(groups, lr=1e-4)
 
 
-def _step(model, optimizer, imgs, labels, dtype):
+def _step(model, optimizer, imgs, labels, dtype, gemm=None):
+    """One training step; ``gemm`` forces mae_fast's Linear GEMMs onto "torch" or "onednn"."""
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(imgs.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss = F.cross_entropy(model(imgs), labels)
-    loss.backward()
+    with cpu_gemm.using(gemm) if gemm else contextlib.nullcontext():
+        with torch.autocast(imgs.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(imgs), labels)
+        loss.backward()
     optimizer.step()
 
 
@@ -101,6 +107,10 @@ def main(argv=None) -> int:
     ours = create_classifier(size["name"], drop_path_rate=0.1, **size["kwargs"]).to(device)
     timm_model = to_timm_vit(ours)
     models = {"mae_fast": (ours, ours), "timm": (timm_model, timm_model)}  # name -> (module, what runs it)
+    gemm = {}  # name -> the GEMM library forced on it
+    if device.type == "cpu":
+        torch_gemm = copy.deepcopy(ours)
+        models["mae_fast_torch_gemm"], gemm["mae_fast_torch_gemm"] = (torch_gemm, torch_gemm), "torch"
     if "timm" in args.compile:
         timm_copy = to_timm_vit(ours)
         models["timm_compiled"] = (timm_copy, torch.compile(timm_copy))
@@ -116,7 +126,7 @@ def main(argv=None) -> int:
         begin = time.perf_counter()
         try:
             for _ in range(WARMUP_STEPS):
-                _step(model, optimizer, imgs, labels, dtype)
+                _step(model, optimizer, imgs, labels, dtype, gemm.get(name))
             harness.synchronize(device)
         except Exception as error:  # noqa: BLE001 - reported, and the other providers still run
             failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -132,7 +142,7 @@ def main(argv=None) -> int:
             if peak is not None:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            _step(model, optimizer, imgs, labels, dtype)
+            _step(model, optimizer, imgs, labels, dtype, gemm.get(name))
             harness.synchronize(device)
             times[name].append(time.perf_counter() - start)
             if peak is not None:
@@ -150,7 +160,11 @@ def main(argv=None) -> int:
         else "unmeasured on the CPU (no peak statistic for torch's CPU allocator)",
         "failed": failed,
         "command": "python -m benchmarks.finetune_step " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": {**harness.environment(device, smoke=False), "threads": torch.get_num_threads()},
+        "environment": {
+            **harness.environment(device, smoke=False),
+            "threads": torch.get_num_threads(),
+            "cpu_gemm": cpu_gemm.describe(),
+        },
     }  # fmt: skip
     for name, seconds in median.items():
         ratio = f"{report['vs_timm'][name]:5.2f}x timm" if report["vs_timm"] else "timm failed"

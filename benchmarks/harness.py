@@ -317,6 +317,18 @@ def _extension_state() -> str:
         return f"failed to load ({type(error).__name__}: {error})"
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else platform's processor or machine."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, smoke: bool) -> dict:
     """GPU, versions, commit and date of this run."""
     try:
@@ -330,7 +342,7 @@ def environment(device: torch.device, smoke: bool) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": gpu or f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": gpu or f"cpu ({_cpu_model()}, {platform.machine()}, {os.cpu_count()} cores)",
         "gpu": gpu,
         "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if gpu else None,
         "python": platform.python_version(),

@@ -371,8 +371,9 @@ def test_cpu_step_benchmark_checks_losses_and_writes_ratios(tmp_path, monkeypatc
     (path,) = tmp_path.glob("cpu_step_*.json")
     document = json.loads(path.read_text())
     assert "GPU claim" in document["environment"]["note"]
+    assert document["environment"]["cpu_gemm"].startswith(("onednn (", "torch ("))
     rows = {row["provider"]: row for row in document["rows"]}
-    assert set(rows) == {"mae_fast", "mae_fast_default_adamw", "release", "transformers"}
+    assert set(rows) == {"mae_fast", "mae_fast_default_adamw", "mae_fast_torch_gemm", "release", "transformers"}
     assert all(len(row["samples_ms"]) == 2 and row["median_ms"] > 0 for row in rows.values())
     best = rows[rows["mae_fast"]["best_peer"]]["median_ms"]
     assert rows["mae_fast"]["speedup_vs_best_peer"] == pytest.approx(best / rows["mae_fast"]["median_ms"], rel=0.01)

@@ -18,10 +18,11 @@ def _report(capsys) -> dict:
 def test_eager_providers_side_by_side(capsys):
     assert finetune_step.main(["--size", "demo", "--batch", "2", "--steps", "2", "--threads", "1"]) == 0
     report = _report(capsys)
-    assert set(report["median_s"]) == {"mae_fast", "timm"} and all(s > 0 for s in report["median_s"].values())
+    eager = {"mae_fast", "mae_fast_torch_gemm", "timm"}
+    assert set(report["median_s"]) == eager and all(s > 0 for s in report["median_s"].values())
     assert report["vs_timm"]["timm"] == 1.0 and report["tokens"] == 50 and report["failed"] == {}
     assert report["peak_mib"] is None and "unmeasured on the CPU" in report["peak_memory"]
-    assert set(report["warmup_s"]) == {"mae_fast", "timm"}
+    assert set(report["warmup_s"]) == eager
 
 
 def test_the_report_carries_its_environment_and_goes_to_out(capsys, tmp_path):
@@ -35,6 +36,7 @@ def test_the_report_carries_its_environment_and_goes_to_out(capsys, tmp_path):
     assert written == printed and written["command"].endswith("--out " + str(tmp_path))
     environment = written["environment"]
     assert environment["threads"] == 1 and environment["torch"] == torch.__version__ and not environment["claims"]
+    assert environment["cpu_gemm"].startswith(("onednn (", "torch ("))
 
 
 def test_compiled_variants_run_the_compiled_callable_and_a_failing_one_is_reported(capsys, monkeypatch):
@@ -48,7 +50,7 @@ def test_compiled_variants_run_the_compiled_callable_and_a_failing_one_is_report
     argv = ["--size", "demo", "--batch", "2", "--steps", "1", "--threads", "1", "--compile", "timm,mae_fast"]
     assert finetune_step.main(argv) == 0
     report = _report(capsys)
-    assert set(report["median_s"]) == {"mae_fast", "timm", "timm_compiled", "mae_fast_compiled"}
+    assert set(report["median_s"]) == {"mae_fast", "mae_fast_torch_gemm", "timm", "timm_compiled", "mae_fast_compiled"}
     assert [type(m).__name__ for m in compiled] == ["VisionTransformer", "VisionTransformerClassifier"]
 
     def broken_compile(module):
@@ -61,7 +63,7 @@ def test_compiled_variants_run_the_compiled_callable_and_a_failing_one_is_report
     assert finetune_step.main(argv[:-1] + ["timm"]) == 1
     report = _report(capsys)
     assert report["failed"] == {"timm_compiled": "RuntimeError: backend compiler failed"}
-    assert set(report["median_s"]) == {"mae_fast", "timm"}
+    assert set(report["median_s"]) == {"mae_fast", "mae_fast_torch_gemm", "timm"}
 
 
 @pytest.mark.parametrize("argv", [["--compile", "inductor"], ["--compile", ","], ["--steps", "0"]])
