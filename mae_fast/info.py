@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from mae_fast import _extension, dispatch
+from mae_fast import _extension, cpu_gemm, dispatch
 
 
 def _triton_version() -> str:
@@ -76,6 +76,7 @@ def report() -> str:
         f"GPU        {torch.cuda.get_device_name() if device.type == 'cuda' else 'none visible'}",
         f"extension  {'mae_fast._C loaded' if _extension.available() else _extension.unavailable_reason()}",
         f"default    backend={dispatch.get_backend()!r}",
+        f"cpu gemm   fp32 Linear on CPU tensors: {cpu_gemm.describe()}",
         f"backends on {device.type} tensors (auto order {', '.join(dispatch.AUTO_ORDER)}):",
     ]
     for op, args in _sample_inputs(device).items():

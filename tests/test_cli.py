@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae_fast import _extension, bench, cli, info
+from mae_fast import _extension, bench, cli, cpu_gemm, info
 
 REPO = Path(__file__).resolve().parent.parent
 OWN_OPTIONS = {
@@ -29,6 +29,7 @@ def test_info_reports_versions_extension_and_backends():
     for needle in ("torch", "triton", "extension", "patch_embed_gather", "visible_attention", "->"):
         assert needle in text
     assert "a ViT-B/16 MAE step in bf16 on cpu:\n  random_masking         -> torch x1" in text
+    assert f"cpu gemm   fp32 Linear on CPU tensors: {cpu_gemm.cpu_gemm()} (MAE_FAST_CPU_GEMM=" in text
 
 
 def test_info_shows_the_backend_of_every_op_of_a_model_step():
