@@ -319,14 +319,9 @@ def _extension_state() -> str:
 
 def _cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, else platform's processor or machine."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            for line in info:
-                if line.startswith("model name") and ":" in line:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from mae_fast import cpu_gemm
+
+    return cpu_gemm.cpu_fields().get("model name") or platform.processor() or platform.machine()
 
 
 def environment(device: torch.device, smoke: bool) -> dict:

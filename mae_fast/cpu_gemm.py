@@ -34,21 +34,28 @@ def _onednn_unavailable_reason() -> str | None:
     return None
 
 
-def _cpu_flags() -> tuple[str, set[str]]:
-    """(vendor_id, flags) of the first CPU in /proc/cpuinfo; ("", set()) where there is none to read."""
+@functools.cache
+def cpu_fields() -> dict[str, str]:
+    """The fields ("vendor_id", "model name", "flags", ...) of the first CPU in /proc/cpuinfo; {} where there is
+    none to read."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
             text = info.read(1 << 16)
     except OSError:
-        return "", set()
-    fields = dict(line.split(":", 1) for line in text.split("\n\n", 1)[0].splitlines() if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
+        return {}
+    first = (line.split(":", 1) for line in text.split("\n\n", 1)[0].splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in first}
+
+
+def _cpu_flags() -> tuple[str, set[str]]:
+    """(vendor_id, flags) of the first CPU; ("", set()) where there is none to read."""
+    fields = cpu_fields()
     return fields.get("vendor_id", ""), set(fields.get("flags", "").split())
 
 
 def choose(requested: str, vendor: str, flags: set[str], unavailable: str | None) -> str:
-    """"onednn" or "torch" for the value of MAE_FAST_CPU_GEMM ``requested`` on a CPU of ``vendor`` with ``flags``,
-    where oneDNN is missing for the reason ``unavailable`` (None: present)."""
+    """Which of "onednn" or "torch" serves the value of MAE_FAST_CPU_GEMM ``requested`` on a CPU of ``vendor``
+    with ``flags``, where oneDNN is missing for the reason ``unavailable`` (None: present)."""
     if requested not in CHOICES:
         raise ValueError(f"{ENV}={requested!r}: expected one of {', '.join(CHOICES)}")
     if requested == "onednn":
@@ -132,6 +139,7 @@ def runs_on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     says what is wrong with them)."""
     return (
         x.device.type == "cpu"
+        and cpu_gemm() == "onednn"
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.numel() > 0
@@ -143,7 +151,6 @@ def runs_on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         and _plain(bias)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-        and cpu_gemm() == "onednn"
     )
 
 

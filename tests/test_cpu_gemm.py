@@ -153,6 +153,7 @@ def test_linear_is_a_drop_in_nn_linear(onednn):
     ours.load_state_dict(plain.state_dict())
     assert ours.state_dict().keys() == plain.state_dict().keys()
     x = torch.randn(2, 3, 11)
+    assert cpu_gemm.runs_on_onednn(x, ours.weight, ours.bias)
     torch.testing.assert_close(ours(x), plain(x), **_fp32_tolerance(11))
 
 
