@@ -139,6 +139,7 @@ def runs_on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     says what is wrong with them)."""
     return (
         x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
         and cpu_gemm() == "onednn"
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
@@ -150,7 +151,6 @@ def runs_on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         and _plain(weight)
         and _plain(bias)
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     )
 
 
